@@ -1,0 +1,227 @@
+"""`qup`: the command line of qup_ray.
+
+    qup dryrun [--out DIR]                     every stage on this machine (CPU, tiny models)
+    qup run STAGE -c CONFIG [key=value ...]    one stage on the current (or a local) Ray cluster
+    qup grid -c CONFIG --cluster YAML [--plan] the model x stream x objective grid on SLURM
+    qup status RUN_DIR                         what is done, partial, failed or missing
+    qup validate -c CONFIG [key=value ...]     check a config, print every problem
+    qup grade IN.jsonl --out OUT.jsonl         grade responses with the project's answer checker
+    qup bench NAME [--json]                    a stage's throughput against its bare baseline
+
+User mistakes (a bad config, a missing input stage) print one clear message and exit with code 2;
+features not built yet exit with code 3.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from qup_ray.config import CONFIGS_DIR, ConfigError, load_config
+
+logger = logging.getLogger(__name__)
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="qup_ray: reproduce 'The Quality-Utility Paradox' on Ray, vLLM, DeepSpeed and SLURM.",
+)
+
+EXIT_USER_ERROR = 2
+EXIT_NOT_BUILT = 3
+
+ConfigOpt = Annotated[
+    Path, typer.Option("--config", "-c", help="Experiment YAML (configs/*.yaml).")
+]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Argument(help="Overrides like rollouts.temperature=0.7.", show_default=False),
+]
+
+
+class NotBuilt(Exception):
+    """A command whose feature does not exist yet."""
+
+
+@app.callback()
+def _setup(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False,
+) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+
+
+@app.command()
+def validate(config: ConfigOpt, overrides: Overrides = None) -> None:
+    """Check a config and print every problem at once (exit code 2 when there is one)."""
+    cfg = load_config(config, overrides or [])
+    typer.echo(
+        f"{config}: ok (experiment {cfg.experiment!r}, {len(cfg.students)} students, "
+        f"{len(cfg.stream_names())} streams, run dir {cfg.run_dir})"
+    )
+
+
+@app.command("run")
+def run_cmd(
+    stage: Annotated[
+        str, typer.Argument(help="problems, rollouts, streams, score, train, eval, report")
+    ],
+    config: ConfigOpt,
+    overrides: Overrides = None,
+    force: Annotated[bool, typer.Option(help="Redo the stage even if it finished.")] = False,
+) -> None:
+    """Run one stage; a finished stage with the same config and inputs is skipped."""
+    from qup_ray.rundir import RunDir
+    from qup_ray.stages import STAGE_ORDER, StageNotBuilt, run_stage
+
+    if stage not in STAGE_ORDER:
+        raise typer.BadParameter(f"unknown stage {stage!r}; one of {', '.join(STAGE_ORDER)}")
+    cfg = load_config(config, overrides or [])
+    RunDir.for_config(cfg).save_config(cfg)
+    try:
+        out = run_stage(stage, cfg, force=force)
+    except StageNotBuilt as e:
+        raise NotBuilt(str(e)) from None
+    typer.echo(f"{stage}: done -> {out}")
+
+
+@app.command()
+def dryrun(
+    out: Annotated[Path, typer.Option(help="Parent folder of the run directory.")] = Path("runs"),
+    force: Annotated[bool, typer.Option(help="Redo every stage.")] = False,
+    overrides: Overrides = None,
+) -> None:
+    """Every stage on this machine: CPU, tiny models, synthetic problems (configs/dryrun.yaml)."""
+    from qup_ray.rundir import RunDir
+    from qup_ray.stages import STAGE_ORDER, is_built, run_stage
+
+    cfg = load_config(CONFIGS_DIR / "dryrun.yaml", [f"output_dir={out}", *(overrides or [])])
+    run_dir = RunDir.for_config(cfg)
+    run_dir.save_config(cfg)
+    built = [s for s in STAGE_ORDER if is_built(s)]
+    missing = [s for s in STAGE_ORDER if not is_built(s)]
+    for stage in built:
+        run_stage(stage, cfg, force=force)
+    typer.echo(f"dry run in {run_dir.root}: ran {', '.join(built) or 'no stage'}")
+    if missing:
+        typer.echo(f"not built yet in this version: {', '.join(missing)}")
+
+
+@app.command()
+def status(run_dir: Annotated[Path, typer.Argument(help="<output_dir>/<experiment>")]) -> None:
+    """Table of stages and grid cells: done, partial (shards done of total), failed, missing."""
+    from qup_ray.rundir import RunDir
+
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise ConfigError(
+            [f"no config.yaml in {run_dir}: not a run directory"], source=str(run_dir)
+        )
+    cfg = load_config(cfg_path)
+    rows = RunDir(run_dir).status(cfg)
+    width = max(len(r["path"]) for r in rows)
+    typer.echo(f"{'PATH'.ljust(width)}  {'STATE':8}  DETAIL")
+    for r in rows:
+        typer.echo(f"{r['path'].ljust(width)}  {r['state']:8}  {r['detail']}")
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    typer.echo("  ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+
+
+@app.command()
+def grid(
+    config: ConfigOpt,
+    cluster: Annotated[Path, typer.Option(help="Cluster YAML (configs/clusters/*.yaml).")],
+    plan: Annotated[
+        bool, typer.Option(help="Print jobs and dependencies, submit nothing.")
+    ] = False,
+    overrides: Overrides = None,
+) -> None:
+    """Submit the model x stream x objective grid to SLURM through submitit."""
+    from qup_ray.config import load_cluster_config
+
+    load_config(config, overrides or [])
+    load_cluster_config(cluster)
+    if importlib.util.find_spec("qup_ray.launch") is None:
+        raise NotBuilt("the SLURM grid launcher is not built yet in this version of qup_ray")
+    launch = importlib.import_module("qup_ray.launch")
+    launch.main(config=config, cluster=cluster, plan=plan, overrides=overrides or [])
+
+
+@app.command()
+def grade(
+    in_path: Annotated[
+        Path, typer.Argument(metavar="IN.jsonl", help="Rows with response, answer.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output JSONL.")],
+    timeout_s: Annotated[float, typer.Option(help="Time bound of one check.")] = 5.0,
+    workers: Annotated[int | None, typer.Option(help="Grading processes (default: CPUs).")] = None,
+    lenient: Annotated[
+        bool, typer.Option(help="Fall back to 'the answer is' / last number.")
+    ] = False,
+) -> None:
+    """Grade `response` against `answer` for every row; adds extracted, correct, status."""
+    if not in_path.is_file():
+        raise ConfigError([f"input file not found: {in_path}"], source="qup grade")
+    if importlib.util.find_spec("qup_ray.grading") is None:
+        raise NotBuilt("the answer checker is not built yet in this version of qup_ray")
+    from qup_ray.grading import grade_jsonl
+
+    summary = grade_jsonl(in_path, out, workers=workers, timeout_s=timeout_s, lenient=lenient)
+    typer.echo(json.dumps(summary, sort_keys=True))
+
+
+@app.command()
+def bench(
+    name: Annotated[
+        str, typer.Argument(help="Benchmark name (e.g. grade, rollouts, ppl, oracle).")
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    quick: Annotated[bool, typer.Option(help="Smaller workload, for smoke tests.")] = False,
+) -> None:
+    """Measured throughput of a pipeline stage against its bare baseline, in the same run."""
+    benches: dict[str, str] = {}
+    if importlib.util.find_spec("qup_ray.bench") is not None:
+        benches = importlib.import_module("qup_ray.bench").BENCHES
+    if name not in benches:
+        known = ", ".join(sorted(benches)) or "none yet"
+        raise NotBuilt(f"benchmark {name!r} is not built yet (available: {known})")
+    result = importlib.import_module(benches[name]).run(quick=quick)
+    if as_json:
+        typer.echo(json.dumps(result, sort_keys=True))
+    else:
+        for key, value in result.items():
+            typer.echo(f"{key:>20}: {value}")
+
+
+def main() -> None:
+    """Console entry point: user mistakes become one message and exit code 2, no traceback."""
+    from qup_ray.rundir import StageError
+
+    try:
+        app()
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_USER_ERROR)
+    except StageError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_USER_ERROR)
+    except NotBuilt as e:
+        typer.echo(f"not built yet: {e}", err=True)
+        sys.exit(EXIT_NOT_BUILT)
+
+
+if __name__ == "__main__":
+    main()

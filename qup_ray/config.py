@@ -1,0 +1,601 @@
+"""Typed experiment configuration: YAML in, validated pydantic models out.
+
+Every setting of a run lives in one YAML file (see `configs/`), optionally changed on the command
+line with `key.sub=value` overrides. Unknown keys are errors. Validation collects *every* problem,
+names it by its dotted path as the user spells it, and raises one `ConfigError`; the CLI prints it
+and exits with code 2, without a traceback.
+
+Secrets never live in a config: an oracle names the *environment variable* that holds its key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from qup_ray.cpu_world.settings import CpuWorldSettings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIGS_DIR = REPO_ROOT / "configs"
+
+STREAMS = ("slm_rft", "oracle_refined", "oracle_synthesized", "numina_subset", "style_aligned")
+OBJECTIVES = ("sft", "dft")
+
+
+class ConfigError(Exception):
+    """One or more problems in a configuration, each `path: message (got value)`."""
+
+    def __init__(self, problems: list[str], source: str = "config") -> None:
+        self.problems = problems
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, fields documented in place."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Engines and models
+# --------------------------------------------------------------------------------------------
+
+
+class EngineConfig(StrictModel):
+    """How one vLLM engine (one Ray actor) is built for a model."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights/activation dtype. Use float32 on CPU when numbers must match transformers exactly."""
+    max_model_len: int = Field(4608, gt=0)
+    """Longest prompt + generation, in tokens."""
+    kv_cache_memory_bytes: int | None = Field(None, gt=0)
+    """Explicit KV-cache size. Needed on CPU and on shared machines (e.g. 268435456)."""
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """Fraction of GPU memory vLLM may take when `kv_cache_memory_bytes` is not set."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs one engine spans (e.g. 4 or 8 for a 72B model)."""
+    enforce_eager: bool = False
+    """Skip CUDA graphs / torch.compile. True on CPU saves a ~25 s compile at start-up."""
+    max_num_batched_tokens: int | None = Field(None, gt=0)
+    """Tokens per engine step. On CPU use >= 16384 so prefills are not split (seeded sampling)."""
+    num_actors: int = Field(1, ge=1)
+    """Engine actors in the Ray Data actor pool (one model copy each)."""
+    num_gpus_per_actor: float = Field(0, ge=0)
+    """GPUs reserved per actor; 0 on CPU. Normally equal to `tensor_parallel_size`."""
+    num_cpus_per_actor: float = Field(1, gt=0)
+    """CPUs reserved per actor."""
+    batch_size: int = Field(64, gt=0)
+    """Rows handed to one actor call by Ray Data `map_batches`."""
+
+
+class ModelConfig(StrictModel):
+    """A language model used as a student (learner) or an oracle's open-weights engine."""
+
+    path: str
+    """Hugging Face hub id, local directory, or `cpu-world:<name>` for the project's tiny models."""
+    family: Literal["qwen2.5", "llama3", "deepseek", "tiny"]
+    """Model family; picks the prompt template and is a grid axis in the report."""
+    prompt: str
+    """Name of the zero-shot CoT prompt file in `configs/prompts/` (without `.yaml`)."""
+    engine: EngineConfig = EngineConfig()
+    """vLLM engine settings for generation and scoring with this model."""
+
+
+class OracleConfig(StrictModel):
+    """A strong model that refines, synthesizes or style-aligns traces (GPT-5.2 in the paper)."""
+
+    backend: Literal["openai", "vllm", "rule"]
+    """`openai`: any OpenAI-compatible endpoint; `vllm`: batch vLLM actors of an open model;
+    `rule`: the project's rule-based OpenAI-compatible server (CPU world), started by the suite."""
+    model: str
+    """Model name sent to the endpoint (openai/rule) or model path/hub id (vllm)."""
+    base_url: str | None = None
+    """Endpoint, e.g. `https://api.openai.com/v1`. Unset for the `rule` backend (started locally)."""
+    api_key_env: str | None = None
+    """Name of the environment variable holding the API key. The key itself never goes in a config."""
+    max_concurrency: int = Field(32, ge=1)
+    """Requests in flight at once."""
+    timeout_s: float = Field(120.0, gt=0)
+    """Per-request timeout."""
+    max_retries: int = Field(6, ge=0)
+    """Retries on 429, 5xx, timeouts and connection errors (exponential backoff with jitter)."""
+    temperature: float = Field(0.0, ge=0)
+    """Sampling temperature of oracle calls."""
+    max_tokens: int = Field(4096, gt=0)
+    """Max completion tokens per oracle call."""
+    usd_per_million_prompt_tokens: float = Field(0.0, ge=0)
+    """Price of input tokens, for the running cost in progress bars and manifests."""
+    usd_per_million_completion_tokens: float = Field(0.0, ge=0)
+    """Price of output tokens."""
+    budget_usd: float | None = Field(None, gt=0)
+    """Stop sending new requests once this much has been spent; unfinished rows stay resumable."""
+    engine: EngineConfig | None = None
+    """Engine settings for the `vllm` backend."""
+
+
+class RewardModelConfig(StrictModel):
+    """A reward model that scores traces (perceived quality)."""
+
+    path: str
+    """Hub id, local directory, or `cpu-world:<name>`."""
+    kind: Literal["qwen_math_rm", "sequence_classifier"]
+    """`qwen_math_rm`: Qwen2ForRewardModel, last token's score; `sequence_classifier`:
+    AutoModelForSequenceClassification with one label (Skywork, Nemotron in HF format)."""
+    engine: EngineConfig = EngineConfig()
+    """vLLM pooling-engine settings (set tensor_parallel_size/num_gpus_per_actor for 72B)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+class DatasetSource(StrictModel):
+    """Where a problem table comes from: the hub, a local file/folder, or the synthetic generator."""
+
+    kind: Literal["hub", "local", "synthetic"]
+    """`hub`: `datasets.load_dataset(dataset, config)`; `local`: Parquet, JSONL or a
+    `save_to_disk` folder at `path`; `synthetic`: the CPU world's generator."""
+    dataset: str | None = None
+    """Hub dataset id (kind=hub), e.g. `AI-MO/NuminaMath-CoT`. Point it at a mirror if needed."""
+    config: str | None = None
+    """Hub dataset config name, e.g. `OE_TO_maths_en_COMP`."""
+    split: str = "train"
+    """Split to load."""
+    path: str | None = None
+    """Local file or folder (kind=local)."""
+    fields: dict[str, str] = {}
+    """Map from the project's field names (problem, answer, solution, source) to the dataset's."""
+    num_synthetic: int = Field(200, gt=0)
+    """Rows to generate (kind=synthetic)."""
+    seed: int = 0
+    """Generator seed (kind=synthetic); use different seeds for training problems and benchmarks."""
+
+
+class ProblemsConfig(StrictModel):
+    """Stage `problems`: the pool of training problems."""
+
+    source: DatasetSource
+    """The problem pool (NuminaMath-CoT in the paper)."""
+    num_problems: int = Field(100_000, gt=0)
+    """Seeded random sample size (not the first N)."""
+    seed: int = 0
+    """Sampling seed."""
+    decontaminate: bool = True
+    """Drop problems whose n-grams overlap a configured benchmark's problems."""
+    ngram_size: int = Field(13, gt=0)
+    """n of the word n-grams used for decontamination."""
+    max_overlap: float = Field(0.5, ge=0, le=1)
+    """Drop a problem when this fraction of its n-grams occurs in a benchmark problem."""
+
+
+class RftFilterConfig(StrictModel):
+    """Light filters of the SLM-RFT stream (the student's own correct traces)."""
+
+    selection: Literal["random", "shortest", "first"] = "random"
+    """Which correct trace of a problem is kept."""
+    max_repeated_ngram_frac: float = Field(0.3, gt=0, le=1)
+    """Drop traces where the most repeated 8-gram covers more than this fraction (degenerate loops)."""
+    length_outlier_z: float = Field(4.0, gt=0)
+    """Drop traces whose token count is more than this many std devs above the mean."""
+
+
+class RolloutsConfig(StrictModel):
+    """Stage `rollouts`: rejection sampling with every student."""
+
+    num_samples_per_problem: int = Field(8, gt=0)
+    """N samples per problem (8 in the paper)."""
+    temperature: float = Field(1.0, ge=0)
+    """Sampling temperature (1.0 in the paper)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling."""
+    max_new_tokens: int = Field(4096, gt=0)
+    """Generation limit; longer samples are truncated and filtered out of SLM-RFT."""
+    seed: int = 0
+    """Sampling seed: the same seed and config give the same samples."""
+    shard_size: int = Field(1024, gt=0)
+    """Problems per resumable shard."""
+    rft: RftFilterConfig = RftFilterConfig()
+    """Filters and selection for the SLM-RFT stream."""
+
+
+class StreamsConfig(StrictModel):
+    """Stage `streams`: the parallel data streams over the shared problem set."""
+
+    enabled: list[Literal[STREAMS]] = list(STREAMS)  # type: ignore[valid-type]
+    """Streams to build (see MISSION.md); style_aligned is built once per style oracle."""
+    refine_oracle: str | None = None
+    """Oracle (key of `oracles`) for oracle_refined."""
+    synthesize_oracle: str | None = None
+    """Oracle for oracle_synthesized."""
+    style_oracles: list[str] = []
+    """Oracles for style_aligned_<oracle> (GPT-5.2 and a Qwen oracle in the paper)."""
+    retention_judge: str | None = None
+    """Oracle that scores semantic retention (1-5) of refined and style-aligned traces."""
+    num_style_exemplars: int = Field(3, ge=0)
+    """Student traces shown to the style-aligned oracle as examples of the student's style."""
+    keep_wrong_oracle_answers: bool = False
+    """Keep oracle traces whose final answer is wrong (default: drop and count them)."""
+
+
+class ScoringConfig(StrictModel):
+    """Stage `score`: perplexity, reward scores and style statistics of every trace."""
+
+    reward_models: list[str] = []
+    """Reward models (keys of `reward_models`) to score with."""
+    ppl_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """dtype of the perplexity engines; float32 for exact agreement with transformers."""
+    num_bootstrap: int = Field(1000, gt=0)
+    """Bootstrap resamples for the 95% intervals in the summaries."""
+
+
+class TrainingConfig(StrictModel):
+    """Stage `train`: SFT and DFT of each student on each stream (Ray Train + DeepSpeed)."""
+
+    objectives: list[Literal[OBJECTIVES]] = list(OBJECTIVES)  # type: ignore[valid-type]
+    """`sft`: token cross-entropy; `dft`: cross-entropy weighted by stop-grad p(target)."""
+    learning_rate: float = Field(5e-5, gt=0)
+    """Peak learning rate."""
+    global_batch_size: int = Field(256, gt=0)
+    """Sequences per optimizer step, over all workers and accumulation steps."""
+    micro_batch_size_per_worker: int = Field(4, gt=0)
+    """Sequences per forward pass on one worker."""
+    num_epochs: float = Field(1.0, gt=0)
+    """Passes over the stream."""
+    max_seq_len: int = Field(4096, gt=0)
+    """Truncate training sequences to this many tokens."""
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    """Fraction of steps of linear warm-up."""
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warm-up."""
+    deepspeed_config: str = "configs/deepspeed/zero2.json"
+    """DeepSpeed JSON (relative to the repository or absolute)."""
+    num_workers: int = Field(1, ge=1)
+    """Ray Train workers (one per GPU on a cluster)."""
+    use_gpu: bool = True
+    """Train on GPUs; False for the CPU dry run (DeepSpeed over gloo)."""
+    seed: int = 0
+    """Data order and init seed."""
+    robustness: list[dict[str, float]] = []
+    """Extra (learning_rate, global_batch_size) settings run for robustness, e.g.
+    `[{learning_rate: 2e-5, global_batch_size: 128}]`."""
+
+
+class BenchmarkConfig(StrictModel):
+    """One evaluation benchmark."""
+
+    source: DatasetSource
+    """Where the benchmark's rows come from; `fields` maps problem/answer to its columns."""
+
+
+class EvaluationConfig(StrictModel):
+    """Stage `eval`: Avg@k of every trained model on every benchmark."""
+
+    benchmarks: dict[str, BenchmarkConfig]
+    """Benchmarks by name (MATH500, AIME24, AMC23, Minerva Math, OlympiadBench in the paper)."""
+    num_samples: int = Field(16, gt=0)
+    """k of Avg@k: samples per problem."""
+    temperature: float = Field(1.0, ge=0)
+    """Sampling temperature."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling."""
+    max_new_tokens: int = Field(4096, gt=0)
+    """Generation limit."""
+    seed: int = 0
+    """Sampling seed."""
+    max_problems_per_benchmark: int | None = Field(None, gt=0)
+    """Cap for quick checks; unset evaluates every problem."""
+
+
+class GradingConfig(StrictModel):
+    """The answer checker shared by every stage."""
+
+    timeout_s: float = Field(5.0, gt=0)
+    """Time bound of one answer check; a check that runs longer is status=timeout."""
+    lenient: bool = False
+    """Also accept "the answer is X" / the last number when no \\boxed{} is present (recorded)."""
+    num_workers: int | None = Field(None, ge=1)
+    """Grading processes; unset means one per CPU."""
+
+
+class RayConfig(StrictModel):
+    """How the suite connects to (or starts) a Ray cluster."""
+
+    address: str | None = None
+    """Cluster address; unset uses `RAY_ADDRESS` or starts a local cluster."""
+    num_cpus: int | None = Field(None, ge=1)
+    """CPUs of a local cluster (unset: all)."""
+    object_store_memory_gb: float | None = Field(None, gt=0)
+    """Object store size; set it inside SLURM allocations (Ray sees the whole node)."""
+    dashboard_host: str = "127.0.0.1"
+    """Where the dashboard binds; reach it with `ssh -L` (the job log prints the command)."""
+    include_dashboard: bool = True
+    """Start the dashboard with a local cluster."""
+
+
+class StageResources(StrictModel):
+    """Per-stage resources that differ from the cluster defaults."""
+
+    nodes: int = Field(1, ge=1)
+    """Nodes of the job (Ray head on the first, workers on the rest)."""
+    gpus_per_node: int | None = Field(None, ge=0)
+    """GPUs per node; unset uses the cluster default."""
+    cpus_per_node: int | None = Field(None, ge=1)
+    """CPUs per node; unset uses the cluster default."""
+    mem_gb: float | None = Field(None, gt=0)
+    """Memory per node; unset uses the cluster default."""
+    timeout_min: int | None = Field(None, gt=0)
+    """Wall-clock limit; unset uses the cluster default."""
+
+
+class ClusterConfig(StrictModel):
+    """One cluster's specifics (the file passed with `--cluster`). Nothing cluster-specific lives
+    in Python or in sbatch templates."""
+
+    executor: Literal["slurm", "local", "debug"] = "slurm"
+    """`slurm` submits through submitit; `local`/`debug` run the same jobs on this machine."""
+    partition: str | None = None
+    """SLURM partition."""
+    account: str | None = None
+    """SLURM account."""
+    qos: str | None = None
+    """SLURM QOS."""
+    gpus_per_node: int = Field(8, ge=0)
+    """Default GPUs per node."""
+    cpus_per_node: int = Field(32, ge=1)
+    """Default CPUs per node."""
+    mem_gb: float = Field(256, gt=0)
+    """Default memory per node."""
+    timeout_min: int = Field(1440, gt=0)
+    """Default wall-clock limit; jobs that hit it requeue and resume."""
+    max_requeues: int = Field(3, ge=0)
+    """How often a preempted or timed-out job is requeued."""
+    setup: list[str] = []
+    """Shell lines run at the start of every job (module load, venv activation)."""
+    log_dir: str = "slurm_logs"
+    """submitit logs, relative to the run directory."""
+    sbatch_extra: dict[str, str] = {}
+    """Extra `#SBATCH` options (e.g. `constraint: a100`)."""
+    env: dict[str, str] = {}
+    """Environment variables set in every job (never secrets: those come from your shell)."""
+    dashboard_port: int = Field(8265, gt=0, lt=65536)
+    """Ray dashboard port on the head node."""
+    stages: dict[str, StageResources] = {}
+    """Resource overrides by stage name (rollouts, streams, score, train, eval, report)."""
+
+
+class ExperimentConfig(StrictModel):
+    """A whole experiment: data, students, oracles, scoring, training, evaluation."""
+
+    experiment: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """Name; the run directory is `<output_dir>/<experiment>/`."""
+    output_dir: str = "runs"
+    """Parent of run directories."""
+    seed: int = 0
+    """Global seed for anything not seeded by its own section."""
+    problems: ProblemsConfig
+    students: dict[str, ModelConfig]
+    """Target small models by name (the grid's model axis)."""
+    anchor_student: str
+    """Student whose solved problems define the shared problem set."""
+    rollouts: RolloutsConfig = RolloutsConfig()
+    oracles: dict[str, OracleConfig] = {}
+    """Oracles by name, referenced from `streams`."""
+    streams: StreamsConfig = StreamsConfig()
+    reward_models: dict[str, RewardModelConfig] = {}
+    """Reward models by name, referenced from `scoring.reward_models`."""
+    scoring: ScoringConfig = ScoringConfig()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig
+    grading: GradingConfig = GradingConfig()
+    ray: RayConfig = RayConfig()
+    cpu_world: CpuWorldSettings = CpuWorldSettings()
+    """Tiny models and synthetic data used by `cpu-world:` refs (dry runs, tests)."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.experiment
+
+    def stream_names(self) -> list[str]:
+        """Streams a student gets, with style_aligned expanded per style oracle."""
+        names: list[str] = []
+        for stream in self.streams.enabled:
+            if stream == "style_aligned":
+                names += [f"style_aligned_{o}" for o in self.streams.style_oracles]
+            else:
+                names.append(stream)
+        return names
+
+    def section_hash(self, *keys: str) -> str:
+        """Stable hash of some top-level sections: what a stage's manifest compares on rerun."""
+        data = self.model_dump(mode="json")
+        picked = {k: data[k] for k in keys} if keys else data
+        blob = json.dumps(picked, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _cross_checks(data: dict) -> list[str]:
+    """References between sections that pydantic cannot check field by field.
+
+    Works on the raw (possibly invalid) data, so these problems are reported together with the
+    field errors instead of after they are fixed."""
+
+    def section(key: str) -> dict:
+        value = data.get(key)
+        return value if isinstance(value, dict) else {}
+
+    problems: list[str] = []
+    students, oracles, rms = section("students"), section("oracles"), section("reward_models")
+    streams, scoring = section("streams"), section("scoring")
+    enabled = streams.get("enabled", list(STREAMS))
+    enabled = enabled if isinstance(enabled, list) else []
+
+    def check_ref(path: str, name: object, known: dict, what: str) -> None:
+        if name is not None and name not in known:
+            problems.append(f"{path}: not one of {what} {sorted(known)} (got {name!r})")
+
+    if "anchor_student" in data:
+        check_ref("anchor_student", data["anchor_student"], students, "students")
+    for key, stream in [
+        ("refine_oracle", "oracle_refined"),
+        ("synthesize_oracle", "oracle_synthesized"),
+    ]:
+        if streams.get(key) is None and stream in enabled:
+            problems.append(
+                f"streams.{key}: required because stream {stream!r} is enabled (got None)"
+            )
+        check_ref(f"streams.{key}", streams.get(key), oracles, "oracles")
+    check_ref("streams.retention_judge", streams.get("retention_judge"), oracles, "oracles")
+    style_oracles = streams.get("style_oracles") or []
+    for i, name in enumerate(style_oracles if isinstance(style_oracles, list) else []):
+        check_ref(f"streams.style_oracles.{i}", name, oracles, "oracles")
+    if "style_aligned" in enabled and not style_oracles:
+        problems.append(
+            "streams.style_oracles: empty but stream 'style_aligned' is enabled (got [])"
+        )
+    scored = scoring.get("reward_models") or []
+    for i, name in enumerate(scored if isinstance(scored, list) else []):
+        check_ref(f"scoring.reward_models.{i}", name, rms, "reward_models")
+    for name, model in students.items():
+        prompt = model.get("prompt") if isinstance(model, dict) else None
+        if isinstance(prompt, str) and not (CONFIGS_DIR / "prompts" / f"{prompt}.yaml").is_file():
+            problems.append(
+                f"students.{name}.prompt: no file configs/prompts/{prompt}.yaml (got {prompt!r})"
+            )
+    for name, oracle in oracles.items():
+        if not isinstance(oracle, dict):
+            continue
+        if oracle.get("backend") == "openai" and not oracle.get("base_url"):
+            problems.append(f"oracles.{name}.base_url: required for backend 'openai' (got None)")
+        if oracle.get("backend") == "vllm" and not oracle.get("engine"):
+            problems.append(f"oracles.{name}.engine: required for backend 'vllm' (got None)")
+    robustness = section("training").get("robustness") or []
+    for i, extra in enumerate(robustness if isinstance(robustness, list) else []):
+        unknown = (
+            set(extra) - {"learning_rate", "global_batch_size"}
+            if isinstance(extra, dict)
+            else set()
+        )
+        if unknown:
+            problems.append(
+                f"training.robustness.{i}: unknown keys {sorted(unknown)} (got {extra})"
+            )
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _format_validation_error(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors(include_url=False):
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            problems.append(f"{path}: required key is missing")
+            continue
+        else:
+            msg = e["msg"]
+        value = e.get("input")
+        shown = repr(value) if not isinstance(value, dict | list) else type(value).__name__
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        problems.append(f"{path}: {msg} (got {shown})")
+    return problems
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML, so 3 is an int and [1,2] a list)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} is not of the form key.sub=value")
+    key, _, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ValueError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> list[str]:
+    """Set each `key.sub=value` in `data` in place; returns the problems found."""
+    problems = []
+    for text in overrides:
+        try:
+            parts, value = parse_override(text)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        node = data
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return problems
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read one YAML mapping, or raise ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"file not found: {path}"], source=str(path))
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"not valid YAML: {e}"], source=str(path)) from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [f"<root>: expected a mapping (got {type(data).__name__})"], source=str(path)
+        )
+    return data
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_data(
+    model: type[M], data: dict, source: str, overrides: list[str] | tuple[str, ...] = ()
+) -> M:
+    """Apply overrides and validate `data` against `model`; every problem in one ConfigError."""
+    data = json.loads(json.dumps(data))  # deep copy; YAML may share nodes through anchors
+    problems = apply_overrides(data, list(overrides))
+    cfg = None
+    try:
+        cfg = model.model_validate(data)
+    except ValidationError as e:
+        problems += _format_validation_error(e)
+    if model is ExperimentConfig:
+        problems += _cross_checks(data)
+    if problems or cfg is None:
+        raise ConfigError(problems, source=source)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Load and validate an experiment YAML with `key.sub=value` overrides."""
+    return validate_data(ExperimentConfig, load_yaml(path), str(path), overrides)
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """The resolved config as YAML. No secret can appear: configs hold only env-var *names*."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def load_cluster_config(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = ()
+) -> ClusterConfig:
+    """Load and validate a cluster YAML (`configs/clusters/*.yaml`)."""
+    return validate_data(ClusterConfig, load_yaml(path), str(path), overrides)
