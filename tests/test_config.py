@@ -1,0 +1,193 @@
+"""Every shipped YAML validates; bad configs give one message listing every problem."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qup_ray.config import (
+    CONFIGS_DIR,
+    ConfigError,
+    ExperimentConfig,
+    dump_config,
+    load_cluster_config,
+    load_config,
+    parse_override,
+)
+
+EXPERIMENT_YAMLS = sorted(CONFIGS_DIR.glob("*.yaml"))
+CLUSTER_YAMLS = sorted((CONFIGS_DIR / "clusters").glob("*.yaml"))
+PROMPT_YAMLS = sorted((CONFIGS_DIR / "prompts").glob("*.yaml"))
+DEEPSPEED_JSONS = sorted((CONFIGS_DIR / "deepspeed").glob("*.json"))
+
+
+def qup(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "qup_ray.cli", *args],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def test_every_config_file_is_covered():
+    shipped = {p for p in CONFIGS_DIR.rglob("*") if p.is_file()}
+    covered = set(EXPERIMENT_YAMLS + CLUSTER_YAMLS + PROMPT_YAMLS + DEEPSPEED_JSONS)
+    assert shipped == covered, f"config files no test loads: {sorted(shipped - covered)}"
+    assert {p.name for p in EXPERIMENT_YAMLS} >= {"dryrun.yaml", "paper.yaml"}
+
+
+@pytest.mark.parametrize("path", EXPERIMENT_YAMLS, ids=lambda p: p.name)
+def test_experiment_yaml_validates(path: Path):
+    cfg = load_config(path)
+    assert cfg.anchor_student in cfg.students
+    assert cfg.stream_names()
+
+
+@pytest.mark.parametrize("path", CLUSTER_YAMLS, ids=lambda p: p.name)
+def test_cluster_yaml_validates(path: Path):
+    load_cluster_config(path)
+
+
+@pytest.mark.parametrize("path", PROMPT_YAMLS, ids=lambda p: p.name)
+def test_prompt_files_have_system_and_user(path: Path):
+    prompt = yaml.safe_load(path.read_text())
+    assert set(prompt) == {"system", "user"}
+    assert "{problem}" in prompt["user"]
+    assert prompt["user"].format(problem="1+1?").startswith("1+1?")
+
+
+@pytest.mark.parametrize("path", DEEPSPEED_JSONS, ids=lambda p: p.name)
+def test_deepspeed_json_parses(path: Path):
+    ds = json.loads(path.read_text())
+    assert ds["zero_optimization"]["stage"] in (1, 2, 3)
+    # Without torch_adam DeepSpeed compiles fused Adam at start-up (minutes on CPU).
+    assert ds["optimizer"]["params"]["torch_adam"] is True
+
+
+def test_paper_config_matches_the_paper():
+    cfg = load_config(CONFIGS_DIR / "paper.yaml")
+    assert cfg.problems.source.dataset == "AI-MO/NuminaMath-CoT"
+    assert cfg.problems.num_problems == 100_000
+    assert cfg.students[cfg.anchor_student].path == "Qwen/Qwen2.5-Math-1.5B"
+    assert {m.family for m in cfg.students.values()} == {"qwen2.5", "llama3", "deepseek"}
+    assert (cfg.rollouts.num_samples_per_problem, cfg.rollouts.temperature) == (8, 1.0)
+    assert set(cfg.streams.enabled) == {
+        "slm_rft", "oracle_refined", "oracle_synthesized", "numina_subset", "style_aligned"
+    }  # fmt: skip
+    assert len(cfg.scoring.reward_models) == 3
+    t = cfg.training
+    assert (t.learning_rate, t.global_batch_size, t.num_epochs) == (5e-5, 256, 1)
+    assert set(t.objectives) == {"sft", "dft"}
+    assert t.robustness == [{"learning_rate": 2e-5, "global_batch_size": 128}]
+    e = cfg.evaluation
+    assert (e.num_samples, e.temperature, e.max_new_tokens) == (16, 1.0, 4096)
+    assert set(e.benchmarks) == {"math500", "aime24", "amc23", "minerva_math", "olympiadbench"}
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(
+        CONFIGS_DIR / "dryrun.yaml",
+        ["rollouts.temperature=0.7", "students.tiny-qwen.engine.num_actors=3",
+         "streams.style_oracles=[rule]", "experiment=other"],
+    )  # fmt: skip
+    assert cfg.rollouts.temperature == 0.7
+    assert cfg.students["tiny-qwen"].engine.num_actors == 3
+    assert cfg.run_dir.name == "other"
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+    with pytest.raises(ValueError):
+        parse_override("no-equals-sign")
+
+
+def test_all_problems_reported_at_once(tmp_path: Path):
+    data = yaml.safe_load((CONFIGS_DIR / "dryrun.yaml").read_text())
+    data["rollouts"]["bogus"] = 1
+    data["training"]["learning_rate"] = "fast"
+    data["anchor_student"] = "nobody"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as info:
+        load_config(bad, ["students.tiny-qwen.engine.dtype=fp8"])
+    text = str(info.value)
+    for path in ("rollouts.bogus", "training.learning_rate", "anchor_student",
+                 "students.tiny-qwen.engine.dtype"):  # fmt: skip
+        assert path in text
+    assert "'fast'" in text and "'fp8'" in text and len(info.value.problems) == 4
+
+
+def test_cli_bad_config_exit_code_2_without_traceback(tmp_path: Path):
+    data = yaml.safe_load((CONFIGS_DIR / "dryrun.yaml").read_text())
+    data["scoring"]["unknown_key"] = True
+    data["rollouts"]["num_samples_per_problem"] = "eight"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    for command in (["validate", "-c", str(bad)], ["run", "problems", "-c", str(bad)]):
+        result = qup(*command)
+        assert result.returncode == 2, result.stderr
+        assert "scoring.unknown_key: unknown key" in result.stderr
+        assert "rollouts.num_samples_per_problem" in result.stderr and "'eight'" in result.stderr
+        assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_cli_validate_shipped_configs():
+    for name in ("paper.yaml", "dryrun.yaml"):
+        result = qup("validate", "-c", str(CONFIGS_DIR / name))
+        assert result.returncode == 0, result.stderr
+        assert ": ok" in result.stdout
+
+
+def test_missing_or_broken_file_is_a_user_error(tmp_path: Path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("experiment: [unclosed\n")
+    for path in (tmp_path / "absent.yaml", broken):
+        result = qup("validate", "-c", str(path))
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert str(path) in result.stderr
+
+
+def test_secrets_are_not_config_values(tmp_path: Path):
+    data = yaml.safe_load((CONFIGS_DIR / "paper.yaml").read_text())
+    data["oracles"]["gpt-5.2"]["api_key"] = "sk-should-not-be-here"
+    bad = tmp_path / "secret.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    assert "oracles.gpt-5.2.api_key: unknown key" in str(info.value)
+    # The resolved config names the variable, never its value.
+    cfg = load_config(CONFIGS_DIR / "paper.yaml")
+    os.environ["OPENAI_API_KEY"] = "sk-test-secret-value"
+    try:
+        dumped = dump_config(cfg)
+    finally:
+        del os.environ["OPENAI_API_KEY"]
+    assert "OPENAI_API_KEY" in dumped and "sk-test-secret-value" not in dumped
+
+
+def test_every_field_is_documented():
+    undocumented = []
+
+    def walk(model: type, prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            if not info.description:
+                undocumented.append(prefix + name)
+            for sub in (*getattr(info.annotation, "__args__", ()), info.annotation):
+                if isinstance(sub, type) and hasattr(sub, "model_fields"):
+                    walk(sub, f"{prefix}{name}.")
+
+    walk(ExperimentConfig, "")
+    # Top-level sections are documented on their classes.
+    sections = {
+        "problems",
+        "rollouts",
+        "streams",
+        "scoring",
+        "training",
+        "evaluation",
+        "grading",
+        "ray",
+    }
+    assert [f for f in undocumented if f not in sections] == []
