@@ -1,0 +1,181 @@
+"""Problem and benchmark loaders, normalised to one schema.
+
+Every source (the Hugging Face hub, local Parquet/JSONL/`save_to_disk` folders for offline
+clusters, the CPU world's synthetic generator) comes out as rows of:
+
+    problem_id  stable hash of the normalised problem text
+    problem     the problem text
+    answer      gold final answer as a string (several answers joined by ", ")
+    solution    reference solution, "" when the source has none
+    source      where the row came from (NuminaMath's own `source` field when present)
+    benchmark   the benchmark's name, or "" for training problems
+
+A row that cannot be used (no problem, no gold answer, wrong types) goes to the rejected list
+with a reason; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import unicodedata
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from qup_ray.config import DatasetSource
+
+logger = logging.getLogger(__name__)
+
+PROBLEM_SCHEMA = pa.schema(
+    [
+        (name, pa.string())
+        for name in ("problem_id", "problem", "answer", "solution", "source", "benchmark")
+    ]
+)
+REJECTED_SCHEMA = pa.schema(
+    [
+        ("row_index", pa.int64()),
+        ("benchmark", pa.string()),
+        ("reason", pa.string()),
+        ("raw", pa.string()),
+    ]
+)
+
+
+class DataSourceError(Exception):
+    """A configured data source that cannot be read (missing file, unknown format)."""
+
+
+def normalize_text(text: str) -> str:
+    """Lower-case, NFKC, whitespace collapsed: what dedup and decontamination compare."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def problem_id(text: str) -> str:
+    """Stable id of a problem: the same text (up to case and spacing) gets the same id."""
+    return hashlib.sha256(normalize_text(text).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Raw rows
+# --------------------------------------------------------------------------------------------
+
+
+def _load_local(path: Path, split: str) -> Iterable[dict]:
+    import datasets
+
+    if path.is_dir():
+        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+            ds = datasets.load_from_disk(str(path))
+            return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".parquet", ".jsonl", ".json"))
+        if not files:
+            raise DataSourceError(f"{path}: no save_to_disk folder, Parquet or JSONL files in it")
+        suffixes = {p.suffix for p in files}
+    elif path.is_file():
+        files, suffixes = [path], {path.suffix}
+    else:
+        raise DataSourceError(f"{path}: no such file or folder")
+    if suffixes == {".parquet"}:
+        builder = "parquet"
+    elif suffixes <= {".jsonl", ".json"}:
+        builder = "json"
+    else:
+        raise DataSourceError(f"{path}: mixed or unknown file types {sorted(suffixes)}")
+    return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+
+
+def load_raw_rows(source: DatasetSource) -> Iterable[dict]:
+    """The rows of a source as dicts, before normalisation."""
+    if source.kind == "synthetic":
+        from qup_ray.cpu_world.synthetic import generate_problems
+
+        return generate_problems(source.num_synthetic, seed=source.seed)
+    if source.kind == "local":
+        if not source.path:
+            raise DataSourceError("kind 'local' needs `path`")
+        return _load_local(Path(source.path).expanduser(), source.split)
+    import datasets
+
+    if not source.dataset:
+        raise DataSourceError("kind 'hub' needs `dataset`")
+    return datasets.load_dataset(source.dataset, source.config, split=source.split)
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisation
+# --------------------------------------------------------------------------------------------
+
+
+def _as_answer(value: Any) -> str | None:
+    """Gold answer as one string: lists (OlympiadBench's final_answer) joined, numbers printed."""
+    if value is None:
+        return None
+    if isinstance(value, list | tuple):
+        parts = [_as_answer(v) for v in value]
+        parts = [p for p in parts if p]
+        return ", ".join(parts) if parts else None
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, str):
+        value = value.strip()
+        return value or None
+    return None
+
+
+def normalize_row(raw: dict, fields: dict[str, str], benchmark: str) -> tuple[dict | None, str]:
+    """One raw row in the project's schema, or (None, reason) when it cannot be used."""
+    from qup_ray.answers import gold_from_solution
+
+    name = {key: fields.get(key, key) for key in ("problem", "answer", "solution", "source")}
+    problem = raw.get(name["problem"])
+    if not isinstance(problem, str) or not problem.strip():
+        return None, f"no problem text in field {name['problem']!r}"
+    solution = raw.get(name["solution"])
+    if solution is not None and not isinstance(solution, str):
+        return None, f"field {name['solution']!r} is not text"
+    if "answer" in fields or name["answer"] in raw:
+        answer = _as_answer(raw.get(name["answer"]))
+        if answer is None:
+            return None, f"no gold answer in field {name['answer']!r}"
+    else:
+        # NuminaMath-CoT has no answer column: the gold is the solution's last \boxed{}.
+        answer = gold_from_solution(solution or "")
+        if not answer:
+            return None, "no \\boxed{} answer in the solution"
+    source = raw.get(name["source"])
+    return {
+        "problem_id": problem_id(problem),
+        "problem": problem.strip(),
+        "answer": answer,
+        "solution": solution or "",
+        "source": source if isinstance(source, str) and source else benchmark or "unknown",
+        "benchmark": benchmark,
+    }, ""
+
+
+def load_problems(source: DatasetSource, benchmark: str = "") -> tuple[list[dict], list[dict]]:
+    """Load and normalise a source: (rows, rejected rows with reasons)."""
+    rows, rejected = [], []
+    num_loaded = 0
+    for i, raw in enumerate(load_raw_rows(source)):
+        num_loaded += 1
+        row, reason = normalize_row(dict(raw), source.fields, benchmark)
+        if row is None:
+            rejected.append(
+                {"row_index": i, "benchmark": benchmark, "reason": reason, "raw": repr(raw)[:2000]}
+            )
+        else:
+            rows.append(row)
+    if rejected:
+        logger.warning(
+            "%s: %d of %d rows rejected", benchmark or "problems", len(rejected), num_loaded
+        )
+    return rows, rejected
