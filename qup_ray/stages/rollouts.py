@@ -1,0 +1,260 @@
+"""Stage `rollouts`: rejection sampling with every student, the shared problem set, SLM-RFT.
+
+    qup run rollouts -c configs/paper.yaml
+
+1. For each student, N samples per problem at temperature T through a Ray Data pipeline:
+   vLLM actors generate (GPU stage), grader actors check every sample (CPU stage). Output is
+   written shard by shard, so a killed run resumes without regenerating finished shards.
+2. The shared problem set: the problems the anchor student solves at least once.
+3. The SLM-RFT stream of each student: one correct, lightly filtered trace per problem.
+
+Outputs: rollouts/<student>/rollouts.parquet, problem_set/problem_set.parquet,
+streams/<student>/slm_rft/stream.parquet, each with its manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pyarrow as pa
+
+from qup_ray.config import ExperimentConfig, ModelConfig
+from qup_ray.engines import Grader, VLLMGenerator, request_seed
+from qup_ray.prompts import chat_messages, load_prompt, render_chat
+from qup_ray.rft import select_rft
+from qup_ray.rundir import RunDir, Stage, StageError, read_parquet
+
+logger = logging.getLogger(__name__)
+
+ROLLOUT_SCHEMA = pa.schema(
+    [("problem_id", pa.string()), ("student", pa.string()), ("sample_idx", pa.int64()),
+     ("response", pa.string()), ("finish_reason", pa.string()), ("num_tokens", pa.int64()),
+     ("extracted", pa.string()), ("extract_mode", pa.string()), ("correct", pa.bool_()),
+     ("status", pa.string())]
+)  # fmt: skip
+STREAM_SCHEMA = pa.schema(
+    [("problem_id", pa.string()), ("problem", pa.string()), ("answer", pa.string()),
+     ("trace", pa.string()), ("student", pa.string()), ("stream", pa.string()),
+     ("sample_idx", pa.int64()), ("num_tokens", pa.int64())]
+)  # fmt: skip
+
+
+def resolve_model(path: str, cfg: ExperimentConfig) -> str:
+    """A local directory for `cpu-world:` refs (built on first use), else the path/hub id."""
+    if path.startswith("cpu-world:"):
+        from qup_ray.cpu_world import resolve_model_ref
+
+        return resolve_model_ref(path, cfg.cpu_world)
+    return path
+
+
+def build_prompts(
+    cfg: ExperimentConfig, student: str, model_path: str, problems: list[dict]
+) -> list[dict]:
+    """One generation request per problem: the rendered chat and a per-request seed."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    template = load_prompt(cfg.students[student].prompt)
+    return [
+        {"problem_id": p["problem_id"], "answer": p["answer"],
+         "prompt": render_chat(tokenizer, chat_messages(template, problem=p["problem"])),
+         "seed": request_seed(cfg.rollouts.seed, student, p["problem_id"])}
+        for p in problems
+    ]  # fmt: skip
+
+
+def aligned_batch_size(batch_size: int, shard_size: int) -> int:
+    """The largest batch size <= `batch_size` dividing `shard_size`: engine batches then never
+    straddle shards, so a resumed run feeds the engine exactly the batches an unbroken run does."""
+    return max(d for d in range(1, min(batch_size, shard_size) + 1) if shard_size % d == 0)
+
+
+def generate(cfg: ExperimentConfig, student: str, model: ModelConfig, model_path: str,
+             requests: list[dict], stage: Stage, done: set[int]) -> None:  # fmt: skip
+    """Run the generate -> grade pipeline over the unfinished shards, writing each as it completes."""
+    import ray
+
+    r, e = cfg.rollouts, model.engine
+    pending = [
+        dict(q, shard=i // r.shard_size)
+        for i, q in enumerate(requests)
+        if i // r.shard_size not in done
+    ]
+    if not pending:
+        return
+    expected = Counter(q["shard"] for q in pending)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    tags = {"student": student, "stage": "rollouts"}
+    ds = ray.data.from_items(pending).map_batches(
+        VLLMGenerator,
+        fn_constructor_kwargs={
+            "model_path": model_path, "engine": e.model_dump(), "metric_tags": tags,
+            "cache_dir": str(cfg.cpu_world.cache_root()),
+            "sampling": {"n": r.num_samples_per_problem, "temperature": r.temperature,
+                         "top_p": r.top_p, "max_tokens": r.max_new_tokens},
+        },
+        compute=ray.data.ActorPoolStrategy(size=e.num_actors),
+        num_gpus=e.num_gpus_per_actor, num_cpus=e.num_cpus_per_actor,
+        batch_size=aligned_batch_size(e.batch_size, r.shard_size),
+    ).map_batches(
+        Grader,
+        fn_constructor_kwargs={"timeout_s": cfg.grading.timeout_s, "lenient": cfg.grading.lenient,
+                               "metric_tags": tags},
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5, batch_size=256,
+    )  # fmt: skip
+    buffers: dict[int, list[dict]] = defaultdict(list)
+    with stage.timed("generate_and_grade"):
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for row in batch.to_pylist():
+                shard = row["shard"]
+                buffers[shard].append(
+                    {k: row.get(k) for k in ROLLOUT_SCHEMA.names if k != "student"}
+                    | {"student": student}
+                )
+                if len(buffers[shard]) == expected[shard] * r.num_samples_per_problem:
+                    stage.write_shard(
+                        shard, pa.Table.from_pylist(buffers.pop(shard), schema=ROLLOUT_SCHEMA)
+                    )
+                    logger.info("%s: shard %d written", stage.dir, shard)
+    if buffers:
+        raise RuntimeError(f"incomplete shards after generation: {sorted(buffers)}")
+
+
+def run_student(
+    cfg: ExperimentConfig, run: RunDir, student: str, problems: list[dict], force: bool
+) -> Path:
+    """Rollouts of one student: `rollouts/<student>/rollouts.parquet`."""
+    model = cfg.students[student]
+    config_hash = cfg.section_hash("rollouts", "grading", "cpu_world") + ":" + _model_hash(model)
+    stage = Stage(
+        run.root / "rollouts" / student, config_hash, inputs=[run.root / "problems"], force=force
+    )
+    if stage.is_done():
+        return stage.dir
+    with stage.running():
+        t0 = time.time()
+        model_path = resolve_model(model.path, cfg)
+        requests = build_prompts(cfg, student, model_path, problems)
+        num_shards = math.ceil(len(requests) / cfg.rollouts.shard_size)
+        done = stage.plan_shards(num_shards)
+        generate(cfg, student, model, model_path, requests, stage, done)
+        table = stage.read_shards()
+        stage.write_table("rollouts", table)
+        rows = table.to_pylist()
+        statuses = Counter(r["status"] for r in rows)
+        per_problem = Counter(r["problem_id"] for r in rows if r["correct"])
+        stage.finish(
+            row_counts={"rollouts": len(rows), "problems": len(requests)},
+            student=student, model_path=model.path,
+            prompt={"file": model.prompt, "template": load_prompt(model.prompt),
+                    "example_rendered": requests[0]["prompt"] if requests else None},
+            statuses=dict(statuses),
+            num_correct=sum(1 for r in rows if r["correct"]),
+            num_truncated=sum(1 for r in rows if r["finish_reason"] == "length"),
+            pass_histogram=pass_histogram(per_problem, [p["problem_id"] for p in problems],
+                                          cfg.rollouts.num_samples_per_problem),
+            generated_tokens=sum(r["num_tokens"] for r in rows),
+            tokens_per_s=round(sum(r["num_tokens"] for r in rows) / max(time.time() - t0, 1e-9), 2),
+        )  # fmt: skip
+    return stage.dir
+
+
+def pass_histogram(num_correct: Counter, problem_ids: list[str], n: int) -> dict[str, int]:
+    """How many problems have k correct samples, for k = 0..n."""
+    hist = Counter(num_correct.get(pid, 0) for pid in problem_ids)
+    return {str(k): hist.get(k, 0) for k in range(n + 1)}
+
+
+def run_problem_set(cfg: ExperimentConfig, run: RunDir, problems: list[dict], force: bool) -> Path:
+    """The problems the anchor student solves at least once: `problem_set/problem_set.parquet`."""
+    anchor = cfg.anchor_student
+    inputs = [run.root / "problems", *[run.root / "rollouts" / s for s in cfg.students]]
+    stage = Stage(
+        run.root / "problem_set", cfg.section_hash("anchor_student"), inputs=inputs, force=force
+    )
+    if stage.is_done():
+        return stage.dir
+    with stage.running():
+        n = cfg.rollouts.num_samples_per_problem
+        histograms, correct_by_student = {}, {}
+        for student in cfg.students:
+            rows = read_parquet(run.root / "rollouts" / student / "rollouts.parquet").select(
+                ["problem_id", "correct"]
+            )
+            counts = Counter(pid for pid, ok in zip(*rows.to_pydict().values(), strict=True) if ok)
+            correct_by_student[student] = counts
+            histograms[student] = pass_histogram(counts, [p["problem_id"] for p in problems], n)
+        anchor_counts = correct_by_student[anchor]
+        kept = [
+            {**p, "anchor_num_correct": anchor_counts[p["problem_id"]],
+             "anchor_pass_rate": anchor_counts[p["problem_id"]] / n}
+            for p in problems if anchor_counts[p["problem_id"]] > 0
+        ]  # fmt: skip
+        stage.write_table("problem_set", kept)
+        stage.finish(
+            row_counts={"problem_set": len(kept)}, anchor_student=anchor,
+            counts={"problems": len(problems), "solved_by_anchor": len(kept),
+                    "unsolved_by_anchor": len(problems) - len(kept)},
+            pass_histograms=histograms,
+        )  # fmt: skip
+    return stage.dir
+
+
+def run_slm_rft(cfg: ExperimentConfig, run: RunDir, student: str, force: bool) -> Path:
+    """`streams/<student>/slm_rft/stream.parquet`: the student's own correct traces."""
+    rollouts_dir, set_dir = run.root / "rollouts" / student, run.root / "problem_set"
+    stage = Stage(run.root / "streams" / student / "slm_rft", cfg.section_hash("rollouts"),
+                  inputs=[rollouts_dir, set_dir], force=force)  # fmt: skip
+    if stage.is_done():
+        return stage.dir
+    with stage.running():
+        problem_set = {
+            p["problem_id"]: p for p in read_parquet(set_dir / "problem_set.parquet").to_pylist()
+        }
+        rollouts = read_parquet(rollouts_dir / "rollouts.parquet").to_pylist()
+        chosen, counts = select_rft(rollouts, set(problem_set), cfg.rollouts.rft, cfg.rollouts.seed)
+        rows = [
+            {"problem_id": c["problem_id"], "problem": problem_set[c["problem_id"]]["problem"],
+             "answer": problem_set[c["problem_id"]]["answer"], "trace": c["response"],
+             "student": student, "stream": "slm_rft", "sample_idx": c["sample_idx"],
+             "num_tokens": c["num_tokens"]}
+            for c in chosen
+        ]  # fmt: skip
+        stage.write_table("stream", pa.Table.from_pylist(rows, schema=STREAM_SCHEMA))
+        counts["problem_set"] = len(problem_set)
+        counts["no_correct_trace"] = len(problem_set) - len(
+            {r["problem_id"] for r in rollouts if r["correct"]} & set(problem_set)
+        )
+        stage.finish(
+            row_counts={"stream": len(rows)}, filters=counts, selection=cfg.rollouts.rft.selection
+        )
+    return stage.dir
+
+
+def _model_hash(model: ModelConfig) -> str:
+    import hashlib
+
+    return hashlib.sha256(model.model_dump_json().encode()).hexdigest()[:12]
+
+
+def run(cfg: ExperimentConfig, *, force: bool = False) -> Path:
+    """Rollouts for every student, then the shared problem set, then each SLM-RFT stream."""
+    from qup_ray.ray_session import init_ray
+
+    run_dir = RunDir.for_config(cfg)
+    problems_path = run_dir.root / "problems" / "problems.parquet"
+    if not problems_path.is_file():
+        raise StageError(f"{problems_path} not found: run `qup run problems` first")
+    problems = read_parquet(problems_path).to_pylist()
+    init_ray(cfg.ray)
+    for student in cfg.students:
+        run_student(cfg, run_dir, student, problems, force)
+    run_problem_set(cfg, run_dir, problems, force)
+    for student in cfg.students:
+        run_slm_rft(cfg, run_dir, student, force)
+    return run_dir.root / "rollouts"
