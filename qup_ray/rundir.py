@@ -358,7 +358,7 @@ def expected_stage_dirs(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     out += [("rollouts", f"rollouts/{s}") for s in cfg.students]
     out.append(("problem_set", "problem_set"))
     streams = cfg.stream_names()
-    out += [("streams", f"streams/{s}/{st}") for s in cfg.students for st in streams]
+    out += [("streams", f"streams/{s}/{st}") for s in cfg.students for st in [*streams, "final"]]
     out += [("score", f"scores/{s}/{st}") for s in cfg.students for st in streams]
     cells = train_cells(cfg)
     for kind in ("train", "eval"):

@@ -53,12 +53,25 @@ def test_cluster_yaml_validates(path: Path):
     load_cluster_config(path)
 
 
+# Placeholders each prompt's `user` template takes; student prompts take only {problem}.
+PROMPT_FIELDS = {
+    "refine": {"problem", "trace"},
+    "synthesize": {"problem"},
+    "style_align": {"problem", "trace", "exemplars"},
+    "retention_judge": {"original", "refined"},
+}
+
+
 @pytest.mark.parametrize("path", PROMPT_YAMLS, ids=lambda p: p.name)
 def test_prompt_files_have_system_and_user(path: Path):
+    import string
+
     prompt = yaml.safe_load(path.read_text())
     assert set(prompt) == {"system", "user"}
-    assert "{problem}" in prompt["user"]
-    assert prompt["user"].format(problem="1+1?").startswith("1+1?")
+    fields = {f for _, f, _, _ in string.Formatter().parse(prompt["user"]) if f is not None}
+    assert fields == PROMPT_FIELDS.get(path.stem, {"problem"})
+    filled = prompt["user"].format(**{f: f"<{f}>" for f in fields})
+    assert all(f"<{f}>" in filled for f in fields)
 
 
 @pytest.mark.parametrize("path", DEEPSPEED_JSONS, ids=lambda p: p.name)

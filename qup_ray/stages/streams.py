@@ -1,0 +1,281 @@
+"""Stage `streams`: the parallel data streams of every student over the same problem set.
+
+    qup run streams -c configs/paper.yaml
+
+For each student (its `slm_rft` stream comes from the rollouts stage):
+- `oracle_refined`: the refine oracle minimally repairs each SLM-RFT trace;
+- `oracle_synthesized`: the synthesize oracle solves each problem of the shared set from scratch;
+- `numina_subset`: the source's own solution of each problem;
+- `style_aligned_<oracle>`: each style oracle repairs the logic of each SLM-RFT trace in the
+  student's own style, shown by a few other traces of the same student;
+- semantic retention (1-5, by the judge oracle) of the refined and style-aligned traces.
+Oracle answers are graded; wrong ones are dropped (counted) unless
+`streams.keep_wrong_oracle_answers`. Every oracle reply is cached in `<run>/oracle_cache/`, so a
+rerun (or `--force`) never pays twice. Finally `streams/<student>/final/<stream>.parquet` holds
+every stream cut to the problem ids all of them cover, with counts and reasons in its manifest.
+
+Each stream folder holds `generated.parquet` (every row with its status and reason) and
+`stream.parquet` (the rows kept).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+
+from qup_ray.config import ExperimentConfig, OracleConfig
+from qup_ray.grading import BoundedChecker
+from qup_ray.oracle.client import OracleRequest, OracleResult, run_requests
+from qup_ray.oracle.prompts import (
+    parse_retention_score,
+    refine_messages,
+    retention_judge_messages,
+    style_align_messages,
+    synthesize_messages,
+)
+from qup_ray.prompts import load_prompt
+from qup_ray.rundir import RunDir, Stage, StageError, read_parquet
+from qup_ray.stages.rollouts import STREAM_SCHEMA
+
+logger = logging.getLogger(__name__)
+
+FINAL_SCHEMA = STREAM_SCHEMA.append(pa.field("retention", pa.int64()))
+GENERATED_SCHEMA = pa.schema(
+    [("problem_id", pa.string()), ("stream", pa.string()), ("status", pa.string()),
+     ("reason", pa.string()), ("trace", pa.string()), ("extracted", pa.string()),
+     ("correct", pa.bool_()), ("retention", pa.int64()), ("prompt_tokens", pa.int64()),
+     ("completion_tokens", pa.int64()), ("cost_usd", pa.float64()), ("cached", pa.bool_())]
+)  # fmt: skip
+
+
+class BudgetExhausted(StageError):
+    """The oracle budget ran out; the finished requests are cached and a rerun resumes."""
+
+
+def ask(
+    cfg: ExperimentConfig, run: RunDir, oracle: str, requests: list[OracleRequest]
+) -> list[OracleResult]:
+    """Send requests to one oracle through its cache; batch vLLM engines for `vllm` oracles."""
+    ocfg: OracleConfig = cfg.oracles[oracle]
+    cache_dir = run.root / "oracle_cache" / oracle
+    if ocfg.backend == "vllm" and not ocfg.base_url:
+        from qup_ray.oracle.batch_engine import run_engine_requests
+
+        return run_engine_requests(ocfg, requests, cache_dir, cfg)
+    return run_requests(ocfg, requests, cache_dir)
+
+
+def grade_replies(cfg: ExperimentConfig, golds: list[str], traces: list[str]) -> list:
+    """The project's bounded checker over (gold, oracle trace) pairs."""
+    with BoundedChecker(
+        workers=cfg.grading.num_workers, timeout_s=cfg.grading.timeout_s
+    ) as checker:
+        return checker.check_many(
+            list(zip(golds, traces, strict=True)), lenient=cfg.grading.lenient
+        )
+
+
+def judge_retention(cfg: ExperimentConfig, run: RunDir, originals: list[str], refined: list[str],
+                    keys: list[str]) -> list[int | None]:  # fmt: skip
+    """Semantic retention (1-5) of each refined trace against its original; None: unparseable."""
+    requests = [OracleRequest(f"{k}:retention", retention_judge_messages(o, r))
+                for k, o, r in zip(keys, originals, refined, strict=True)]  # fmt: skip
+    results = ask(cfg, run, cfg.streams.retention_judge, requests)
+    return [parse_retention_score(r.content) if r.status == "done" else None for r in results]
+
+
+def oracle_stream(cfg: ExperimentConfig, run: RunDir, student: str, stream: str, oracle: str,
+                  items: list[dict], messages: list[list[dict]], prompt_file: str,
+                  retention_of: list[str] | None, force: bool) -> Path:  # fmt: skip
+    """One oracle-made stream: ask, grade, judge retention, keep the right ones."""
+    inputs = [run.root / "problem_set", run.root / "streams" / student / "slm_rft"]
+    judge = (
+        [cfg.streams.retention_judge]
+        if retention_of is not None and cfg.streams.retention_judge
+        else []
+    )
+    prompt_state = json.dumps(
+        [load_prompt(prompt_file), *[load_prompt("retention_judge")] * bool(judge)]
+    )
+    config_hash = (
+        cfg.section_hash("streams", "grading")
+        + ":"
+        + _hash([cfg.oracles[o].model_dump(mode="json") for o in [oracle, *judge]], prompt_state)
+    )
+    stage = Stage(run.root / "streams" / student / stream, config_hash, inputs=inputs, force=force)
+    if stage.is_done():
+        return stage.dir
+    with stage.running():
+        requests = [
+            OracleRequest(f"{it['problem_id']}:{stream}", m)
+            for it, m in zip(items, messages, strict=True)
+        ]
+        with stage.timed("oracle"):
+            results = ask(cfg, run, oracle, requests)
+        done = [i for i, r in enumerate(results) if r.status == "done"]
+        with stage.timed("grade"):
+            grades = dict(zip(done, grade_replies(cfg, [items[i]["answer"] for i in done],
+                                                  [results[i].content for i in done]), strict=True))  # fmt: skip
+        retention: dict[int, int | None] = {}
+        if judge:
+            with stage.timed("retention"):
+                scores = judge_retention(cfg, run, [retention_of[i] for i in done],
+                                         [results[i].content for i in done],
+                                         [items[i]["problem_id"] for i in done])  # fmt: skip
+            retention = dict(zip(done, scores, strict=True))
+        generated, kept = [], []
+        for i, (item, result) in enumerate(zip(items, results, strict=True)):
+            grade = grades.get(i)
+            status, reason = _row_status(cfg, result, grade)
+            generated.append({
+                "problem_id": item["problem_id"], "stream": stream, "status": status, "reason": reason,
+                "trace": result.content, "extracted": grade.extracted if grade else None,
+                "correct": grade.correct if grade else None, "retention": retention.get(i),
+                "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                "cost_usd": result.cost_usd, "cached": result.cached,
+            })  # fmt: skip
+            if status == "kept":
+                kept.append({"problem_id": item["problem_id"], "problem": item["problem"],
+                             "answer": item["answer"], "trace": result.content, "student": student,
+                             "stream": stream, "sample_idx": 0, "num_tokens": result.completion_tokens,
+                             "retention": retention.get(i)})  # fmt: skip
+        stage.write_table("generated", pa.Table.from_pylist(generated, schema=GENERATED_SCHEMA))
+        skipped = sum(1 for g in generated if g["status"] == "skipped_budget")
+        if skipped:
+            raise BudgetExhausted(
+                f"{stage.dir}: oracle {oracle!r} budget reached with {skipped} requests unsent; "
+                f"raise oracles.{oracle}.budget_usd and rerun (paid replies are cached)"
+            )
+        stage.write_table("stream", pa.Table.from_pylist(kept, schema=FINAL_SCHEMA))
+        statuses = Counter(g["status"] for g in generated)
+        stage.finish(
+            row_counts={"generated": len(generated), "stream": len(kept)},
+            oracle=oracle, statuses=dict(statuses),
+            reasons=dict(Counter(g["reason"] for g in generated if g["reason"])),
+            cost_usd=round(sum(r.cost_usd for r in results if not r.cached), 6),
+            cached_requests=sum(r.cached for r in results),
+            retention_unparsed=sum(1 for i in done if judge and retention.get(i) is None),
+        )  # fmt: skip
+    return stage.dir
+
+
+def _row_status(cfg: ExperimentConfig, result: OracleResult, grade) -> tuple[str, str]:
+    if result.status == "skipped_budget":
+        return "skipped_budget", "oracle budget reached"
+    if result.status != "done":
+        return "failed", result.error or "oracle request failed"
+    if grade.status != "ok":
+        return "dropped", f"answer not verifiable: {grade.status}"
+    if not grade.correct and not cfg.streams.keep_wrong_oracle_answers:
+        return "dropped", "wrong final answer"
+    return "kept", ""
+
+
+def numina_stream(run: RunDir, student: str, problem_set: list[dict], force: bool) -> Path:
+    """The source's own solutions (NuminaMath CoT) of the shared problem set."""
+    stage = Stage(
+        run.root / "streams" / student / "numina_subset",
+        "numina",
+        inputs=[run.root / "problem_set"],
+        force=force,
+    )
+    if stage.is_done():
+        return stage.dir
+    with stage.running():
+        rows = [{"problem_id": p["problem_id"], "problem": p["problem"], "answer": p["answer"],
+                 "trace": p["solution"], "student": student, "stream": "numina_subset", "sample_idx": 0,
+                 "num_tokens": len(p["solution"].split()), "retention": None}
+                for p in problem_set if p["solution"]]  # fmt: skip
+        stage.write_table("stream", pa.Table.from_pylist(rows, schema=FINAL_SCHEMA))
+        stage.finish(row_counts={"stream": len(rows)}, no_solution=len(problem_set) - len(rows))
+    return stage.dir
+
+
+def cut_to_common_ids(cfg: ExperimentConfig, run: RunDir, student: str, force: bool) -> Path:
+    """`streams/<student>/final/<stream>.parquet`: every stream on the same problem ids."""
+    streams = cfg.stream_names()
+    dirs = [run.root / "streams" / student / s for s in streams]
+    stage = Stage(
+        run.root / "streams" / student / "final",
+        _hash(streams),
+        inputs=[run.root / "problem_set", *dirs],
+        force=force,
+    )
+    if stage.is_done():
+        return stage.dir
+    with stage.running():
+        problem_set = {
+            p["problem_id"]
+            for p in read_parquet(run.root / "problem_set" / "problem_set.parquet").to_pylist()
+        }
+        tables = {s: read_parquet(d / "stream.parquet") for s, d in zip(streams, dirs, strict=True)}
+        ids = {s: set(t.column("problem_id").to_pylist()) for s, t in tables.items()}
+        common = problem_set.intersection(*ids.values())
+        missing = {s: len(problem_set - ids[s]) for s in streams}
+        for s, t in tables.items():
+            if "retention" not in t.column_names:
+                t = t.append_column("retention", pa.array([None] * t.num_rows, pa.int64()))
+            t = t.select(FINAL_SCHEMA.names).cast(FINAL_SCHEMA)
+            keep = pa.array([pid in common for pid in t.column("problem_id").to_pylist()])
+            stage.write_table(s, t.filter(keep).sort_by("problem_id"))
+        stage.finish(
+            row_counts={s: len(common) for s in streams},
+            counts={"problem_set": len(problem_set), "common": len(common),
+                    "dropped": len(problem_set) - len(common)},
+            missing_by_stream=missing,
+            dropped_because="a problem is kept only if every stream of the student has a trace for it",
+        )  # fmt: skip
+        logger.info("%s: %d of %d problems in every stream; missing per stream %s",
+                    student, len(common), len(problem_set), missing)  # fmt: skip
+    return stage.dir
+
+
+def run_student(cfg: ExperimentConfig, run: RunDir, student: str, force: bool) -> None:
+    problem_set = read_parquet(run.root / "problem_set" / "problem_set.parquet").to_pylist()
+    rft = read_parquet(run.root / "streams" / student / "slm_rft" / "stream.parquet").to_pylist()
+    traces = [r["trace"] for r in rft]
+    enabled = set(cfg.streams.enabled)
+    if "oracle_refined" in enabled:
+        oracle_stream(cfg, run, student, "oracle_refined", cfg.streams.refine_oracle, rft,
+                      [refine_messages(r["problem"], r["trace"]) for r in rft], "refine", traces, force)  # fmt: skip
+    if "oracle_synthesized" in enabled:
+        oracle_stream(cfg, run, student, "oracle_synthesized", cfg.streams.synthesize_oracle, problem_set,
+                      [synthesize_messages(p["problem"]) for p in problem_set], "synthesize", None, force)  # fmt: skip
+    if "numina_subset" in enabled:
+        numina_stream(run, student, problem_set, force)
+    if "style_aligned" in enabled:
+        rng = random.Random(cfg.seed)
+        k = min(cfg.streams.num_style_exemplars, max(len(rft) - 1, 0))
+        messages = []
+        for i, r in enumerate(rft):
+            # Exemplars are other problems' traces: the style, never this problem's content.
+            picks = [j for j in rng.sample(range(len(rft)), min(k + 1, len(rft))) if j != i][:k]
+            exemplars = [traces[j] for j in picks]
+            messages.append(style_align_messages(r["problem"], r["trace"], exemplars))
+        for oracle in cfg.streams.style_oracles:
+            oracle_stream(cfg, run, student, f"style_aligned_{oracle}", oracle, rft, messages,
+                          "style_align", traces, force)  # fmt: skip
+    cut_to_common_ids(cfg, run, student, force)
+
+
+def run(cfg: ExperimentConfig, *, force: bool = False) -> Path:
+    """All streams of every student, then each student's cut to common problem ids."""
+    run_dir = RunDir.for_config(cfg)
+    for student in cfg.students:
+        rft = run_dir.root / "streams" / student / "slm_rft" / "stream.parquet"
+        if not rft.is_file():
+            raise StageError(f"{rft} not found: run `qup run rollouts` first")
+    for student in cfg.students:
+        run_student(cfg, run_dir, student, force)
+    return run_dir.root / "streams"
+
+
+def _hash(*parts: object) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
