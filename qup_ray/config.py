@@ -128,6 +128,9 @@ class RewardModelConfig(StrictModel):
     kind: Literal["qwen_math_rm", "sequence_classifier"]
     """`qwen_math_rm`: Qwen2ForRewardModel, last token's score; `sequence_classifier`:
     AutoModelForSequenceClassification with one label (Skywork, Nemotron in HF format)."""
+    prompt: str | None = None
+    """Prompt file (configs/prompts/) whose `system` message starts the conversation the reward
+    model scores (Qwen2.5-Math-RM expects the CoT system prompt); None: user + assistant only."""
     engine: EngineConfig = EngineConfig()
     """vLLM pooling-engine settings (set tensor_parallel_size/num_gpus_per_actor for 72B)."""
 
@@ -234,6 +237,13 @@ class ScoringConfig(StrictModel):
     """dtype of the perplexity engines; float32 for exact agreement with transformers."""
     num_bootstrap: int = Field(1000, gt=0)
     """Bootstrap resamples for the 95% intervals in the summaries."""
+    symbol_chars: str = "\\^_{}()[]=+-*/<>|$%!"
+    """A token holding any of these characters (or a LaTeX command) counts as `symbol`."""
+    scaffolding_words: list[str] = [
+        "so", "we", "let", "first", "then", "therefore", "thus", "next", "now", "since",
+        "because", "hence", "finally", "step", "this", "means", "gives", "get", "find", "need",
+    ]  # fmt: skip
+    """Natural-language scaffolding words (lower case) counted as `scaffolding` tokens."""
 
 
 class TrainingConfig(StrictModel):

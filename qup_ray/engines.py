@@ -148,3 +148,85 @@ class Grader:
             self.graded.inc(len(results), tags=self.tags)
             self.correct.inc(sum(1 for r in results if r.correct), tags=self.tags)
         return batch
+
+
+class VLLMPromptLogprobs:
+    """Per-trace NLL/PPL (overall and per quarter) from vLLM prompt log-probabilities.
+
+    Input columns: `input_ids` (prompt + response tokens, from `ppl.encode_example`),
+    `response_start`, plus pass-through columns. Output adds the fields of `ppl.response_nll`;
+    `input_ids` is dropped. One forward pass per trace (`max_tokens=1, prompt_logprobs=0`)."""
+
+    def __init__(self, model_path: str, engine: dict, dtype: str | None = None,
+                 cache_dir: str | None = None, metric_tags: dict | None = None) -> None:  # fmt: skip
+        set_engine_caches(cache_dir)
+        from vllm import LLM
+
+        self.llm = LLM(model=model_path, **engine_kwargs(engine, dtype=dtype))
+        self.tags = metric_tags or {}
+        self.scored = _ray_counter(
+            "qup_traces_ppl_scored", "Traces scored for perplexity", tuple(self.tags)
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from qup_ray.ppl import response_nll
+
+        ids = [[int(t) for t in seq] for seq in batch["input_ids"]]
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=seq) for seq in ids],
+            SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0),
+            use_tqdm=False,
+        )
+        stats = []
+        for seq, out in zip(ids, outputs, strict=True):
+            # prompt_logprobs[i] maps token ids to log p(token i | < i); entry 0 is None.
+            logprobs = [0.0] + [
+                lp[tok].logprob for tok, lp in zip(seq[1:], out.prompt_logprobs[1:], strict=True)
+            ]
+            stats.append(response_nll(logprobs, int(batch["response_start"][len(stats)])))
+        out_batch = {k: list(v) for k, v in batch.items() if k != "input_ids"}
+        for key in stats[0] if stats else []:
+            out_batch[key] = [s[key] for s in stats]
+        if self.scored is not None:
+            self.scored.inc(len(stats), tags=self.tags)
+        return out_batch
+
+
+class VLLMRewardScorer:
+    """Reward of each `text` (a chat rendered with the reward model's template) in vLLM's pooling
+    runner: the last token's score for the Qwen2.5-Math-RM layout, the single logit for a
+    sequence classifier (Skywork, Nemotron in HF format). Raw scores, no sigmoid."""
+
+    def __init__(self, model_path: str, engine: dict, kind: str, cache_dir: str | None = None,
+                 metric_tags: dict | None = None) -> None:  # fmt: skip
+        set_engine_caches(cache_dir)
+        from vllm import LLM
+
+        self.kind = kind
+        self.llm = LLM(model=model_path, runner="pooling", **engine_kwargs(engine))
+        self.tags = metric_tags or {}
+        self.scored = _ray_counter(
+            "qup_traces_reward_scored", "Traces scored by a reward model", tuple(self.tags)
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from vllm import PoolingParams
+
+        texts = [str(t) for t in batch["text"]]
+        raw = PoolingParams(use_activation=False)
+        if self.kind == "qwen_math_rm":
+            outs = self.llm.encode(
+                texts, pooling_task="token_classify", pooling_params=raw, use_tqdm=False
+            )
+            rewards = [float(np.asarray(o.outputs.data).reshape(-1)[-1]) for o in outs]
+        else:
+            outs = self.llm.classify(texts, pooling_params=raw, use_tqdm=False)
+            rewards = [float(o.outputs.probs[0]) for o in outs]
+        out_batch = {k: list(v) for k, v in batch.items() if k != "text"}
+        out_batch["reward"] = rewards
+        if self.scored is not None:
+            self.scored.inc(len(rewards), tags=self.tags)
+        return out_batch

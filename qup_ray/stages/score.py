@@ -1,0 +1,198 @@
+"""Stage `score`: perceived quality, adaptation cost and style of every trace.
+
+    qup run score -c configs/paper.yaml
+
+For every student and every one of its streams (`streams/<student>/final/<stream>.parquet`):
+- `ppl.parquet`: mean NLL and PPL of the response tokens under that student, overall and per
+  quarter Q1..Q4, formatted with the student's prompt and chat template exactly as training
+  formats them (vLLM prompt log-probabilities, one engine per student over all its streams);
+- `reward-<rm>.parquet`: the score of every configured reward model (one engine per model);
+- `style.parquet`: token-category counts/frequencies with the student's tokenizer;
+- `summary.json`: mean, std, median and a 95% bootstrap interval of each measure, and the
+  semantic retention scores of the streams stage.
+All tables are keyed by problem_id, one row per trace.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import pyarrow as pa
+
+from qup_ray.config import ExperimentConfig
+from qup_ray.engines import VLLMPromptLogprobs, VLLMRewardScorer
+from qup_ray.ppl import encode_example
+from qup_ray.prompts import chat_messages, load_prompt, render_chat
+from qup_ray.rundir import RunDir, Stage, StageError, read_parquet, write_json
+from qup_ray.stages.rollouts import resolve_model
+from qup_ray.stats import summarize
+from qup_ray.style import style_stats
+
+logger = logging.getLogger(__name__)
+
+PPL_FIELDS = ("mean_nll", "ppl", *(f"q{q}_{m}" for q in range(1, 5) for m in ("mean_nll", "ppl")))
+
+
+def _pipeline(rows: list[dict], actor: type, kwargs: dict, engine) -> list[dict]:
+    """Run rows through one engine actor pool, results in input order."""
+    import ray
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ds = ray.data.from_items(rows).map_batches(
+        actor, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=engine.num_actors),
+        num_gpus=engine.num_gpus_per_actor, num_cpus=engine.num_cpus_per_actor, batch_size=engine.batch_size,
+    )  # fmt: skip
+    out: list[dict] = []
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        out += batch.to_pylist()
+    return out
+
+
+def score_ppl(cfg: ExperimentConfig, student: str, traces: list[dict]) -> list[dict]:
+    """PPL rows (problem_id, stream, num_tokens, mean_nll, ppl, q1..q4) under `student`."""
+    from transformers import AutoTokenizer
+
+    model = cfg.students[student]
+    path = resolve_model(model.path, cfg)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    template = load_prompt(model.prompt)
+    rows = []
+    for t in traces:
+        prompt_text = render_chat(tokenizer, chat_messages(template, problem=t["problem"]))
+        ids, start = encode_example(tokenizer, prompt_text, t["trace"])
+        rows.append({"key": t["key"], "input_ids": ids, "response_start": start})
+    dtype = None if cfg.scoring.ppl_dtype == "auto" else cfg.scoring.ppl_dtype
+    kwargs = {"model_path": path, "engine": model.engine.model_dump(), "dtype": dtype,
+              "cache_dir": str(cfg.cpu_world.cache_root()), "metric_tags": {"student": student, "stage": "score"}}  # fmt: skip
+    return _pipeline(rows, VLLMPromptLogprobs, kwargs, model.engine)
+
+
+def score_reward(cfg: ExperimentConfig, rm_name: str, traces: list[dict]) -> list[dict]:
+    """Reward rows (key, reward) of one reward model over all traces."""
+    from transformers import AutoTokenizer
+
+    rm = cfg.reward_models[rm_name]
+    path = resolve_model(rm.path, cfg)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    system = load_prompt(rm.prompt)["system"] if rm.prompt else None
+    rows = []
+    for t in traces:
+        messages = [{"role": "system", "content": system}] if system else []
+        messages += [
+            {"role": "user", "content": t["problem"]},
+            {"role": "assistant", "content": t["trace"]},
+        ]
+        rows.append(
+            {"key": t["key"], "text": render_chat(tokenizer, messages, add_generation_prompt=False)}
+        )
+    kwargs = {"model_path": path, "engine": rm.engine.model_dump(), "kind": rm.kind,
+              "cache_dir": str(cfg.cpu_world.cache_root()), "metric_tags": {"reward_model": rm_name, "stage": "score"}}  # fmt: skip
+    return _pipeline(rows, VLLMRewardScorer, kwargs, rm.engine)
+
+
+def score_style(cfg: ExperimentConfig, student: str, traces: list[dict]) -> list[dict]:
+    """Style rows (token categories with the student's tokenizer)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.students[student].path, cfg))
+    scaffolding = frozenset(w.lower() for w in cfg.scoring.scaffolding_words)
+    rows = []
+    for t in traces:
+        ids = tokenizer(t["trace"], add_special_tokens=False)["input_ids"]
+        pieces = [tokenizer.decode([i]) for i in ids]
+        rows.append(
+            {
+                "key": t["key"],
+                **style_stats(pieces, t["trace"], cfg.scoring.symbol_chars, scaffolding),
+            }
+        )
+    return rows
+
+
+def run(cfg: ExperimentConfig, *, force: bool = False) -> Path:
+    """Score every stream of every student; a stream whose scores are up to date is skipped."""
+    from qup_ray.ray_session import init_ray
+
+    run_dir = RunDir.for_config(cfg)
+    streams = cfg.stream_names()
+    config_hash = cfg.section_hash("scoring", "reward_models", "students", "cpu_world")
+    pending: list[tuple[str, str, Stage]] = []
+    for student in cfg.students:
+        final = run_dir.root / "streams" / student / "final"
+        if not (final / "_manifest.json").is_file():
+            raise StageError(f"{final} is not finished: run `qup run streams` first")
+        for stream in streams:
+            stage = Stage(
+                run_dir.root / "scores" / student / stream, config_hash, inputs=[final], force=force
+            )
+            if not stage.is_done():
+                pending.append((student, stream, stage))
+    if not pending:
+        return run_dir.root / "scores"
+    init_ray(cfg.ray)
+
+    traces: dict[str, list[dict]] = defaultdict(list)  # student -> traces of its pending streams
+    for student, stream, _ in pending:
+        table = read_parquet(run_dir.root / "streams" / student / "final" / f"{stream}.parquet")
+        for row in table.to_pylist():
+            traces[student].append({**row, "key": f"{student}|{stream}|{row['problem_id']}"})
+    all_traces = [t for ts in traces.values() for t in ts]
+
+    results: dict[str, dict[str, dict]] = defaultdict(dict)  # key -> table name -> row
+    for student, ts in traces.items():
+        logger.info("perplexity of %d traces under %s", len(ts), student)
+        for row in score_ppl(cfg, student, ts):
+            results[row["key"]]["ppl"] = row
+        for row in score_style(cfg, student, ts):
+            results[row["key"]]["style"] = row
+    for rm in cfg.scoring.reward_models:
+        logger.info("reward model %s on %d traces", rm, len(all_traces))
+        for row in score_reward(cfg, rm, all_traces):
+            results[row["key"]][f"reward-{rm}"] = row
+
+    for student, stream, stage in pending:
+        with stage.running():
+            rows = [t for t in traces[student] if t["stream"] == stream]
+            tables = ["ppl", "style", *(f"reward-{rm}" for rm in cfg.scoring.reward_models)]
+            summary: dict[str, dict] = {}
+            for name in tables:
+                out = []
+                for t in rows:
+                    r = results[t["key"]][name]
+                    out.append(
+                        {
+                            "problem_id": t["problem_id"],
+                            **{k: v for k, v in r.items() if k not in ("key", "response_start")},
+                        }
+                    )
+                stage.write_table(name, pa.Table.from_pylist(out))
+                for field in _summary_fields(name):
+                    summary[f"{name}.{field}"] = summarize(
+                        [o.get(field) for o in out], cfg.scoring.num_bootstrap, cfg.seed
+                    )
+            summary["retention"] = summarize(
+                [t.get("retention") for t in rows], cfg.scoring.num_bootstrap, cfg.seed
+            )
+            write_json(stage.dir / "summary.json", summary)
+            stage.finish(
+                row_counts={name: len(rows) for name in tables}, student=student, stream=stream
+            )
+    return run_dir.root / "scores"
+
+
+def _summary_fields(table: str) -> tuple[str, ...]:
+    if table == "ppl":
+        return ("num_tokens", *PPL_FIELDS)
+    if table == "style":
+        return (
+            "num_tokens",
+            "tokens_per_step",
+            "symbol_freq",
+            "scaffolding_freq",
+            "digit_freq",
+            "whitespace_freq",
+            "word_freq",
+        )
+    return ("reward",)
