@@ -206,6 +206,44 @@ def bench(
             typer.echo(f"{key:>20}: {value}")
 
 
+world_app = typer.Typer(
+    help="The CPU world: tiny models, synthetic problems, rule oracle.", no_args_is_help=True
+)
+app.add_typer(world_app, name="cpu-world")
+
+
+@world_app.command("build")
+def world_build(
+    cache_dir: Annotated[
+        str | None, typer.Option(help="Default: $QUP_CACHE_DIR or ~/.cache/qup_ray.")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if cached.")] = False,
+) -> None:
+    """Build (or find in the cache) the tiny students and reward models."""
+    from qup_ray.cpu_world.__main__ import main as world_main
+
+    sys.exit(
+        world_main(
+            [
+                "build",
+                *(["--cache-dir", cache_dir] if cache_dir else []),
+                *(["--force"] if force else []),
+            ]
+        )
+    )
+
+
+@world_app.command(
+    "oracle", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+def world_oracle(ctx: typer.Context) -> None:
+    """Serve the rule oracle (OpenAI-compatible, 127.0.0.1): options as
+    `python -m qup_ray.cpu_world.oracle_server --help` (--port, --fault-rate, --latency-s, ...)."""
+    from qup_ray.cpu_world.oracle_server import main as oracle_main
+
+    sys.exit(oracle_main(list(ctx.args)))
+
+
 def main() -> None:
     """Console entry point: user mistakes become one message and exit code 2, no traceback."""
     from qup_ray.rundir import StageError
