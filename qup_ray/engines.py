@@ -69,6 +69,12 @@ def _ray_counter(name: str, description: str, tag_keys: tuple[str, ...]) -> Any:
     return Counter(name, description=description, tag_keys=tag_keys)
 
 
+def _inc(counter: Any, value: float, tags: dict[str, str]) -> None:
+    """Add to a Ray counter (which refuses zero) when running under Ray."""
+    if counter is not None and value > 0:
+        counter.inc(value, tags=tags)
+
+
 class VLLMGenerator:
     """Samples `n` completions per prompt; each input row becomes `n` output rows.
 
@@ -111,9 +117,8 @@ class VLLMGenerator:
                 out["response"].append(completion.text)
                 out["finish_reason"].append(str(completion.finish_reason))
                 out["num_tokens"].append(len(completion.token_ids))
-        if self.samples is not None:
-            self.samples.inc(len(out["response"]), tags=self.tags)
-            self.tokens.inc(sum(out["num_tokens"]), tags=self.tags)
+        _inc(self.samples, len(out["response"]), self.tags)
+        _inc(self.tokens, sum(out["num_tokens"]), self.tags)
         return out
 
 
@@ -144,9 +149,8 @@ class Grader:
         batch["extract_mode"] = [r.extract_mode for r in results]
         batch["correct"] = [r.correct for r in results]
         batch["status"] = [r.status for r in results]
-        if self.graded is not None:
-            self.graded.inc(len(results), tags=self.tags)
-            self.correct.inc(sum(1 for r in results if r.correct), tags=self.tags)
+        _inc(self.graded, len(results), self.tags)
+        _inc(self.correct, sum(1 for r in results if r.correct), self.tags)
         return batch
 
 
@@ -190,8 +194,7 @@ class VLLMPromptLogprobs:
         out_batch = {k: list(v) for k, v in batch.items() if k != "input_ids"}
         for key in stats[0] if stats else []:
             out_batch[key] = [s[key] for s in stats]
-        if self.scored is not None:
-            self.scored.inc(len(stats), tags=self.tags)
+        _inc(self.scored, len(stats), self.tags)
         return out_batch
 
 
@@ -227,6 +230,5 @@ class VLLMRewardScorer:
             rewards = [float(o.outputs.probs[0]) for o in outs]
         out_batch = {k: list(v) for k, v in batch.items() if k != "text"}
         out_batch["reward"] = rewards
-        if self.scored is not None:
-            self.scored.inc(len(rewards), tags=self.tags)
+        _inc(self.scored, len(rewards), self.tags)
         return out_batch

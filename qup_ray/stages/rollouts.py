@@ -90,6 +90,7 @@ def generate(cfg: ExperimentConfig, student: str, model: ModelConfig, model_path
     expected = Counter(q["shard"] for q in pending)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     tags = {"student": student, "stage": "rollouts"}
+    gen_batch = aligned_batch_size(e.batch_size, r.shard_size)
     ds = ray.data.from_items(pending).map_batches(
         VLLMGenerator,
         fn_constructor_kwargs={
@@ -100,12 +101,13 @@ def generate(cfg: ExperimentConfig, student: str, model: ModelConfig, model_path
         },
         compute=ray.data.ActorPoolStrategy(size=e.num_actors),
         num_gpus=e.num_gpus_per_actor, num_cpus=e.num_cpus_per_actor,
-        batch_size=aligned_batch_size(e.batch_size, r.shard_size),
+        batch_size=gen_batch,
     ).map_batches(
         Grader,
         fn_constructor_kwargs={"timeout_s": cfg.grading.timeout_s, "lenient": cfg.grading.lenient,
                                "metric_tags": tags},
-        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5, batch_size=256,
+        # One grader call per engine batch, so each shard reaches the driver as soon as it is done.
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5, batch_size=gen_batch * r.num_samples_per_problem,
     )  # fmt: skip
     buffers: dict[int, list[dict]] = defaultdict(list)
     with stage.timed("generate_and_grade"):
