@@ -7,5 +7,6 @@ Each module in `BENCHES` has `run(*, quick: bool = False) -> dict` returning at 
 BENCHES: dict[str, str] = {
     "grade": "qup_ray.bench.grade",
     "oracle": "qup_ray.bench.oracle",
+    "ppl": "qup_ray.bench.ppl",
     "rollouts": "qup_ray.bench.rollouts",
 }

@@ -10,24 +10,14 @@ stage and the transfer to the driver all count against it.
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import time
 from typing import Any
 
+from qup_ray.bench.common import pipeline_seconds, run_in_subprocess, with_batch_start
 from qup_ray.config import CONFIGS_DIR, DatasetSource, load_config
 from qup_ray.engines import VLLMGenerator, engine_kwargs
 
 logger = logging.getLogger(__name__)
-
-
-class _TimedGenerator(VLLMGenerator):
-    """The pipeline's generator, also reporting when each engine batch started."""
-
-    def __call__(self, batch: dict) -> dict:
-        started = time.time()
-        out = super().__call__(batch)
-        out["batch_started_at"] = [started] * len(out["response"])
-        return out
 
 
 def _bare(
@@ -45,7 +35,7 @@ def _bare(
     outputs = llm.generate([r["prompt"] for r in requests], params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
     tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    queue.put({"tokens": tokens, "seconds": elapsed})
+    return {"tokens": tokens, "seconds": elapsed}
 
 
 def _pipeline(
@@ -59,17 +49,15 @@ def _pipeline(
     init_ray(cfg.ray)
     e = cfg.students[student].engine
     ds = ray.data.from_items(requests).map_batches(
-        _TimedGenerator,
+        with_batch_start(VLLMGenerator),
         fn_constructor_kwargs={"model_path": model_path, "engine": e.model_dump(), "sampling": sampling,
                                "cache_dir": str(cfg.cpu_world.cache_root())},
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=e.num_cpus_per_actor, batch_size=e.batch_size,
     ).map_batches(Grader, fn_constructor_kwargs={"timeout_s": cfg.grading.timeout_s},
                   compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5, batch_size=256)  # fmt: skip
-    tokens, first_start = 0, float("inf")
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        tokens += sum(batch.column("num_tokens").to_pylist())
-        first_start = min(first_start, min(batch.column("batch_started_at").to_pylist()))
-    return {"tokens": tokens, "seconds": time.time() - first_start}
+    batches = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    tokens = sum(sum(b.column("num_tokens").to_pylist()) for b in batches)
+    return {"tokens": tokens, "seconds": pipeline_seconds(batches)}
 
 
 def run(*, quick: bool = False) -> dict:
@@ -89,15 +77,9 @@ def run(*, quick: bool = False) -> dict:
                 "max_tokens": r.max_new_tokens}  # fmt: skip
     engine = cfg.students[student].engine.model_dump()
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(
-        target=_bare,
-        args=(model_path, engine, sampling, requests, str(cfg.cpu_world.cache_root()), queue),
+    bare = run_in_subprocess(
+        _bare, model_path, engine, sampling, requests, str(cfg.cpu_world.cache_root())
     )
-    proc.start()
-    bare = queue.get(timeout=1800)
-    proc.join(timeout=120)
     pipe = _pipeline(cfg, student, model_path, sampling, requests)
     pipeline_per_s = pipe["tokens"] / pipe["seconds"]
     baseline_per_s = bare["tokens"] / bare["seconds"]

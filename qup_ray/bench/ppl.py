@@ -1,0 +1,125 @@
+"""`qup bench ppl`: the perplexity pipeline against a bare vLLM prompt-logprob pass, same run.
+
+The traces are synthetic solutions in both styles (native and compact) formatted for the dry
+run's anchor student exactly as the score stage formats them. Both sides use the same engine
+settings in float32; engine start-up is left out of both (see `bench.common`). The pipeline's
+per-trace mean NLL is also compared with a transformers float32 forward pass
+(`max_abs_nll_diff`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from qup_ray.bench.common import pipeline_seconds, run_in_subprocess, with_batch_start
+from qup_ray.config import CONFIGS_DIR, load_config
+from qup_ray.engines import VLLMPromptLogprobs, engine_kwargs
+from qup_ray.ppl import response_nll
+
+logger = logging.getLogger(__name__)
+
+
+def _traces(num: int) -> list[dict]:
+    from qup_ray.cpu_world.synthetic import sample_problems
+
+    problems = sample_problems(num // 2, seed=4242)
+    return [
+        {"problem": p.problem, "trace": p.render(style)}
+        for p in problems
+        for style in ("native", "compact")
+    ]
+
+
+def _bare(model_path: str, engine: dict, rows: list[dict], cache_dir: str) -> dict:
+    """The baseline, in its own process: one LLM, one prompt-logprob `generate` over all rows."""
+    from qup_ray.engines import set_engine_caches
+
+    set_engine_caches(cache_dir)
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=model_path, **engine_kwargs(engine, dtype="float32"))
+    t0 = time.perf_counter()
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=r["input_ids"]) for r in rows],
+                           SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0), use_tqdm=False)  # fmt: skip
+    # The same reduction the pipeline does, so both sides end with per-trace statistics.
+    for r, out in zip(rows, outputs, strict=True):
+        logprobs = [
+            lp[t].logprob for t, lp in zip(r["input_ids"][1:], out.prompt_logprobs[1:], strict=True)
+        ]
+        response_nll([0.0, *logprobs], r["response_start"])
+    elapsed = time.perf_counter() - t0
+    return {"tokens": sum(len(r["input_ids"]) for r in rows), "seconds": elapsed}
+
+
+def _transformers_nll(model_path: str, rows: list[dict]) -> list[float]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for r in rows:
+            ids = torch.tensor([r["input_ids"]])
+            logprobs = torch.log_softmax(model(ids).logits[0, :-1].double(), dim=-1)
+            token_lp = logprobs.gather(1, ids[0, 1:, None])[:, 0].tolist()
+            out.append(response_nll([0.0, *token_lp], r["response_start"])["mean_nll"])
+    return out
+
+
+def run(*, quick: bool = False) -> dict:
+    """Prompt tokens per second of the pipeline and of the bare engine, their ratio, and the
+    largest |mean NLL difference| against transformers float32."""
+    import ray
+    from transformers import AutoTokenizer
+
+    from qup_ray.ppl import encode_example
+    from qup_ray.prompts import chat_messages, load_prompt, render_chat
+    from qup_ray.ray_session import init_ray
+    from qup_ray.stages.rollouts import resolve_model
+
+    cfg = load_config(CONFIGS_DIR / "dryrun.yaml")
+    model = cfg.students[cfg.anchor_student]
+    path = resolve_model(model.path, cfg)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    template = load_prompt(model.prompt)
+    rows = []
+    for t in _traces(64 if quick else 512):
+        ids, start = encode_example(
+            tokenizer,
+            render_chat(tokenizer, chat_messages(template, problem=t["problem"])),
+            t["trace"],
+        )
+        rows.append({"input_ids": ids, "response_start": start})
+    engine = model.engine.model_dump()
+    cache_dir = str(cfg.cpu_world.cache_root())
+    bare = run_in_subprocess(_bare, path, engine, rows, cache_dir)
+
+    init_ray(cfg.ray)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ds = ray.data.from_items([dict(r, idx=i) for i, r in enumerate(rows)]).map_batches(
+        with_batch_start(VLLMPromptLogprobs),
+        fn_constructor_kwargs={"model_path": path, "engine": engine, "dtype": "float32", "cache_dir": cache_dir},
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=model.engine.num_cpus_per_actor,
+        batch_size=model.engine.batch_size,
+    )  # fmt: skip
+    batches = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    seconds = pipeline_seconds(batches)
+    scored = sorted((r for b in batches for r in b.to_pylist()), key=lambda r: r["idx"])
+    reference = _transformers_nll(path, rows[: 32 if quick else 128])
+    max_diff = max(abs(s["mean_nll"] - ref) for s, ref in zip(scored, reference, strict=False))
+    tokens = sum(len(r["input_ids"]) for r in rows)
+    pipeline_per_s, baseline_per_s = tokens / seconds, bare["tokens"] / bare["seconds"]
+    return {
+        "bench": "ppl",
+        "pipeline_per_s": round(pipeline_per_s, 1),
+        "baseline_per_s": round(baseline_per_s, 1),
+        "ratio": round(pipeline_per_s / baseline_per_s, 3),
+        "unit": "scored tokens/s",
+        "num_traces": len(rows),
+        "pipeline_s": round(seconds, 2),
+        "baseline_s": round(bare["seconds"], 2),
+        "max_abs_nll_diff": max_diff,
+        "nll_checked_traces": len(reference),
+    }
