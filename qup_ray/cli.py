@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import json
 import logging
 import sys
@@ -190,15 +191,23 @@ def bench(
     ],
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     quick: Annotated[bool, typer.Option(help="Smaller workload, for smoke tests.")] = False,
+    overrides: Overrides = None,
 ) -> None:
-    """Measured throughput of a pipeline stage against its bare baseline, in the same run."""
+    """Measured throughput of a pipeline stage against its bare baseline, in the same run.
+    Engine benchmarks (rollouts, ppl) take overrides of configs/dryrun.yaml."""
     benches: dict[str, str] = {}
     if importlib.util.find_spec("qup_ray.bench") is not None:
         benches = importlib.import_module("qup_ray.bench").BENCHES
     if name not in benches:
         known = ", ".join(sorted(benches)) or "none yet"
         raise NotBuilt(f"benchmark {name!r} is not built yet (available: {known})")
-    result = importlib.import_module(benches[name]).run(quick=quick)
+    run_bench = importlib.import_module(benches[name]).run
+    if overrides:
+        if "overrides" not in inspect.signature(run_bench).parameters:
+            raise ConfigError([f"benchmark {name!r} takes no config overrides"], source="qup bench")
+        result = run_bench(quick=quick, overrides=overrides)
+    else:
+        result = run_bench(quick=quick)
     if as_json:
         typer.echo(json.dumps(result, sort_keys=True))
     else:

@@ -106,8 +106,9 @@ class OracleConfig(StrictModel):
     """Per-request timeout."""
     max_retries: int = Field(6, ge=0)
     """Retries on 429, 5xx, timeouts and connection errors (exponential backoff with jitter)."""
-    temperature: float = Field(0.0, ge=0)
-    """Sampling temperature of oracle calls."""
+    temperature: float | None = Field(0.0, ge=0)
+    """Sampling temperature of oracle calls; null sends none (the endpoint's default), as
+    reasoning models such as the GPT-5 family accept only their default."""
     max_tokens: int = Field(4096, gt=0)
     """Max completion tokens per oracle call."""
     usd_per_million_prompt_tokens: float = Field(0.0, ge=0)

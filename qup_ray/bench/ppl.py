@@ -40,9 +40,14 @@ def _bare(model_path: str, engine: dict, rows: list[dict], cache_dir: str) -> di
     from vllm.inputs import TokensPrompt
 
     llm = LLM(model=model_path, **engine_kwargs(engine, dtype="float32"))
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+    # Warm the engine up first (the pipeline's first batch pays this, so the ratio is conservative).
+    llm.generate(
+        [TokensPrompt(prompt_token_ids=r["input_ids"]) for r in rows[:4]], params, use_tqdm=False
+    )
     t0 = time.perf_counter()
     outputs = llm.generate([TokensPrompt(prompt_token_ids=r["input_ids"]) for r in rows],
-                           SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0), use_tqdm=False)  # fmt: skip
+                           params, use_tqdm=False)  # fmt: skip
     # The same reduction the pipeline does, so both sides end with per-trace statistics.
     for r, out in zip(rows, outputs, strict=True):
         logprobs = [
@@ -68,7 +73,7 @@ def _transformers_nll(model_path: str, rows: list[dict]) -> list[float]:
     return out
 
 
-def run(*, quick: bool = False) -> dict:
+def run(*, quick: bool = False, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """Prompt tokens per second of the pipeline and of the bare engine, their ratio, and the
     largest |mean NLL difference| against transformers float32."""
     import ray
@@ -79,7 +84,7 @@ def run(*, quick: bool = False) -> dict:
     from qup_ray.ray_session import init_ray
     from qup_ray.stages.rollouts import resolve_model
 
-    cfg = load_config(CONFIGS_DIR / "dryrun.yaml")
+    cfg = load_config(CONFIGS_DIR / "dryrun.yaml", overrides)
     model = cfg.students[cfg.anchor_student]
     path = resolve_model(model.path, cfg)
     tokenizer = AutoTokenizer.from_pretrained(path)

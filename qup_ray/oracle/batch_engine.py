@@ -15,8 +15,8 @@ from typing import Any
 
 from qup_ray.config import ExperimentConfig, OracleConfig
 from qup_ray.engines import VLLMGenerator, request_seed
-from qup_ray.oracle.cache import CachedResponse, ResponseCache, cache_key
-from qup_ray.oracle.client import OracleRequest, OracleResult
+from qup_ray.oracle.cache import CachedResponse, ResponseCache
+from qup_ray.oracle.client import OracleRequest, OracleResult, request_cache_key
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +35,10 @@ def run_engine_requests(
     from qup_ray.ray_session import init_ray
     from qup_ray.stages.rollouts import resolve_model
 
-    params = {"temperature": ocfg.temperature, "max_tokens": ocfg.max_tokens}
-    keys = [
-        cache_key(ocfg.model, r.messages, {**params, **({"sample": r.sample} if r.sample else {})})
-        for r in requests
-    ]
+    sampling = {"n": 1, "max_tokens": ocfg.max_tokens}
+    if ocfg.temperature is not None:
+        sampling["temperature"] = ocfg.temperature
+    keys = [request_cache_key(ocfg, r) for r in requests]
     with ResponseCache(cache_dir) as cache:
         stored = cache.get_many(keys)
         todo = {k: r for k, r in zip(keys, requests, strict=True) if k not in stored}
@@ -53,7 +52,7 @@ def run_engine_requests(
             ds = ray.data.from_items(rows).map_batches(
                 VLLMGenerator,
                 fn_constructor_kwargs={"model_path": model_path, "engine": e.model_dump(),
-                                       "sampling": {"n": 1, **params},
+                                       "sampling": sampling,
                                        "cache_dir": str(cfg.cpu_world.cache_root()),
                                        "metric_tags": {"stage": "streams", "oracle": ocfg.model}},
                 compute=ray.data.ActorPoolStrategy(size=e.num_actors),
@@ -68,7 +67,9 @@ def run_engine_requests(
                         cost_usd=0.0, model=ocfg.model, request_key=todo[row["cache_key"]].key,
                         created_at=time.time(),
                     )  # fmt: skip
-                    cache.put(row["cache_key"], response)
+                    # Empty replies are not cached: a rerun asks again, as for failed API calls.
+                    if row["response"].strip():
+                        cache.put(row["cache_key"], response)
                     stored[row["cache_key"]] = response
     return [
         _result(r.key, stored[k], cached=k not in todo) for k, r in zip(keys, requests, strict=True)

@@ -30,8 +30,10 @@ import pyarrow as pa
 
 from qup_ray.config import ExperimentConfig, OracleConfig
 from qup_ray.grading import BoundedChecker
-from qup_ray.oracle.client import OracleRequest, OracleResult, run_requests
+from qup_ray.oracle.client import OracleRequest, OracleResult, ReplyCheck, run_requests
 from qup_ray.oracle.prompts import (
+    check_boxed_answer,
+    check_retention_score,
     parse_retention_score,
     refine_messages,
     retention_judge_messages,
@@ -58,7 +60,11 @@ class BudgetExhausted(StageError):
 
 
 def ask(
-    cfg: ExperimentConfig, run: RunDir, oracle: str, requests: list[OracleRequest]
+    cfg: ExperimentConfig,
+    run: RunDir,
+    oracle: str,
+    requests: list[OracleRequest],
+    check: ReplyCheck | None = None,
 ) -> list[OracleResult]:
     """Send requests to one oracle through its cache; batch vLLM engines for `vllm` oracles."""
     ocfg: OracleConfig = cfg.oracles[oracle]
@@ -67,7 +73,8 @@ def ask(
         from qup_ray.oracle.batch_engine import run_engine_requests
 
         return run_engine_requests(ocfg, requests, cache_dir, cfg)
-    return run_requests(ocfg, requests, cache_dir)
+    # A reply failing `check` (no boxed answer, no score) is retried and never cached.
+    return run_requests(ocfg, requests, cache_dir, check=check)
 
 
 def grade_replies(cfg: ExperimentConfig, golds: list[str], traces: list[str]) -> list:
@@ -85,7 +92,7 @@ def judge_retention(cfg: ExperimentConfig, run: RunDir, originals: list[str], re
     """Semantic retention (1-5) of each refined trace against its original; None: unparseable."""
     requests = [OracleRequest(f"{k}:retention", retention_judge_messages(o, r))
                 for k, o, r in zip(keys, originals, refined, strict=True)]  # fmt: skip
-    results = ask(cfg, run, cfg.streams.retention_judge, requests)
+    results = ask(cfg, run, cfg.streams.retention_judge, requests, check=check_retention_score)
     return [parse_retention_score(r.content) if r.status == "done" else None for r in results]
 
 
@@ -116,7 +123,7 @@ def oracle_stream(cfg: ExperimentConfig, run: RunDir, student: str, stream: str,
             for it, m in zip(items, messages, strict=True)
         ]
         with stage.timed("oracle"):
-            results = ask(cfg, run, oracle, requests)
+            results = ask(cfg, run, oracle, requests, check=check_boxed_answer)
         done = [i for i, r in enumerate(results) if r.status == "done"]
         with stage.timed("grade"):
             grades = dict(zip(done, grade_replies(cfg, [items[i]["answer"] for i in done],
