@@ -58,6 +58,15 @@ def set_engine_caches(cache_dir: str | Path | None) -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "torchinductor"))
 
 
+def shutdown_llm(llm: Any) -> None:
+    """Stop a `vllm.LLM`'s engine process now; left to garbage collection it can outlive its
+    parent process."""
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # already stopped, or another vLLM layout: nothing left to stop
+        logger.debug("vLLM engine shutdown raised", exc_info=True)
+
+
 def _ray_counter(name: str, description: str, tag_keys: tuple[str, ...]) -> Any:
     """A Ray metric (shown in the dashboard's Metrics view), or None outside a Ray worker."""
     import ray

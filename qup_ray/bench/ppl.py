@@ -33,7 +33,7 @@ def _traces(num: int) -> list[dict]:
 
 def _bare(model_path: str, engine: dict, rows: list[dict], cache_dir: str) -> dict:
     """The baseline, in its own process: one LLM, one prompt-logprob `generate` over all rows."""
-    from qup_ray.engines import set_engine_caches
+    from qup_ray.engines import set_engine_caches, shutdown_llm
 
     set_engine_caches(cache_dir)
     from vllm import LLM, SamplingParams
@@ -55,6 +55,7 @@ def _bare(model_path: str, engine: dict, rows: list[dict], cache_dir: str) -> di
         ]
         response_nll([0.0, *logprobs], r["response_start"])
     elapsed = time.perf_counter() - t0
+    shutdown_llm(llm)  # else its engine process outlives this one
     return {"tokens": sum(len(r["input_ids"]) for r in rows), "seconds": elapsed}
 
 

@@ -24,7 +24,7 @@ def _bare(
     model_path: str, engine: dict, sampling: dict, requests: list[dict], cache_dir: str, queue: Any
 ) -> None:
     """The baseline, in its own process: one LLM, one `generate` over every prompt."""
-    from qup_ray.engines import set_engine_caches
+    from qup_ray.engines import set_engine_caches, shutdown_llm
 
     set_engine_caches(cache_dir)
     from vllm import LLM, SamplingParams
@@ -36,6 +36,7 @@ def _bare(
     t0 = time.perf_counter()
     outputs = llm.generate([r["prompt"] for r in requests], params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
+    shutdown_llm(llm)  # else its engine process outlives this one
     tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     return {"tokens": tokens, "seconds": elapsed}
 
