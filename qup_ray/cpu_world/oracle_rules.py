@@ -1,0 +1,119 @@
+"""What the rule oracle answers: pure functions from chat messages to a reply text.
+
+The rule oracle stands in for GPT-5.2. It reads the synthetic problem quoted in the request,
+solves it exactly and writes the solution:
+
+- in the **compact** style (dense symbolic LaTeX, the paper's "syntactic compaction") for
+  refinement and synthesis requests;
+- in the **native** style (the students' verbose natural language) when the request asks to
+  keep the student's style. The signal is a phrase anywhere in the messages that matches
+  ``STYLE_ALIGNED_RE``, such as "keep the student's style", "strictly preserve the student's
+  own style", "match the original style", or the marker ``[style-aligned]``.
+
+A **retention-judge** request (``JUDGE_RE``: the words score/rate/rating and a "1-5" or
+"1 to 5" scale) gets ``"Score: N"``. N comes from the first two paragraphs (blank-line
+separated) that contain ``\\boxed{``, taken as the original and the rewritten trace:
+``1 + round(3 * word_jaccard) + (1 if their boxed answers agree)``, clipped to 1..5; 3 when the
+request does not quote two traces. A style-preserving rewrite therefore scores higher than a
+compacted one, as in the paper.
+
+A request without a recognisable problem gets a plausible reply without a final answer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Literal
+
+from qup_ray.cpu_world.boxed import last_boxed, normalize_answer
+from qup_ray.cpu_world.synthetic import solve_problem_text
+
+RequestKind = Literal["judge", "style_aligned", "solve", "unrecognised"]
+
+STYLE_ALIGNED_RE = re.compile(
+    r"\[style-aligned\]"
+    r"|\b(?:keep|preserve|retain|match)\w*\s+(?:\w+\s+){0,3}?"
+    r"(?:student['’]s|original|native)\s+(?:own\s+)?(?:writing\s+)?style",
+    re.IGNORECASE,
+)
+JUDGE_RE = re.compile(r"\b(?:score|rate|rating)\b", re.IGNORECASE)
+JUDGE_SCALE_RE = re.compile(r"\b1\s*(?:-|–|to)\s*5\b")
+
+UNRECOGNISED_REPLY = (
+    "Let us look at the quantities in the problem and the relations between them.\n"
+    "Combining the given conditions step by step narrows down what the answer can be.\n"
+    "Checking each case carefully, we see which values remain consistent."
+)
+
+
+def message_texts(messages: Sequence[dict]) -> list[str]:
+    """The text of each message (string content, or the text parts of a content list)."""
+    texts = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            content = "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
+        texts.append(content if isinstance(content, str) else "")
+    return texts
+
+
+def classify_request(messages: Sequence[dict]) -> RequestKind:
+    """Which kind of request ``messages`` make (see the module docstring for the signals)."""
+    text = "\n".join(message_texts(messages))
+    if JUDGE_RE.search(text) and JUDGE_SCALE_RE.search(text):
+        return "judge"
+    if _find_problem(messages) is None:
+        return "unrecognised"
+    return "style_aligned" if STYLE_ALIGNED_RE.search(text) else "solve"
+
+
+def _find_problem(messages: Sequence[dict]):
+    # User messages first: the problem is quoted there; a system prompt may hold examples.
+    texts = message_texts(messages)
+    ordered = [t for m, t in zip(messages, texts, strict=True) if m.get("role") == "user"]
+    ordered += [t for m, t in zip(messages, texts, strict=True) if m.get("role") != "user"]
+    for text in ordered:
+        solved = solve_problem_text(text)
+        if solved is not None:
+            return solved
+    return None
+
+
+def judge_score(text: str) -> int:
+    """The 1-5 retention score of the two traces quoted in ``text`` (3 if there are not two)."""
+    traces = [p for p in re.split(r"\n\s*\n", text) if "\\boxed{" in p]
+    if len(traces) < 2:
+        return 3
+    a, b = traces[0], traces[1]
+    words_a, words_b = set(a.lower().split()), set(b.lower().split())
+    jaccard = len(words_a & words_b) / max(1, len(words_a | words_b))
+    ans_a, ans_b = last_boxed(a), last_boxed(b)
+    same = (
+        ans_a is not None
+        and ans_b is not None
+        and normalize_answer(ans_a) == normalize_answer(ans_b)
+    )
+    return max(1, min(5, 1 + round(3 * jaccard) + int(same)))
+
+
+def oracle_reply(messages: Sequence[dict]) -> tuple[RequestKind, str]:
+    """The request's kind and the rule oracle's reply text."""
+    kind = classify_request(messages)
+    if kind == "judge":
+        return kind, f"Score: {judge_score(chr(10).join(message_texts(messages)))}"
+    solved = _find_problem(messages)
+    if solved is None:
+        return "unrecognised", UNRECOGNISED_REPLY
+    return kind, solved.render("native" if kind == "style_aligned" else "compact")
+
+
+def count_tokens(text: str) -> int:
+    """Whitespace tokens: the rule oracle's stand-in for a tokenizer in ``usage``."""
+    return len(text.split())
+
+
+def strip_answer(text: str) -> str:
+    """``text`` cut before its final ``\\boxed{``: a malformed reply with no final answer."""
+    cut = text.rfind("\\boxed{")
+    return text if cut < 0 else text[:cut].rstrip()

@@ -1,0 +1,103 @@
+"""Settings of the CPU world: sizes, training budgets and seeds of the tiny models.
+
+Embedded in the experiment config under the key ``cpu_world``. Every field except ``cache_dir``
+is part of the content hash that names the cached build, so changing one rebuilds the world.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Head sizes vLLM's CPU attention backend accepts (16 fails at the first forward pass).
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+
+class TinyLMSettings(BaseModel):
+    """Shape and training budget of one tiny student language model."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    hidden_size: int = Field(128, ge=32)
+    """Width of the residual stream."""
+    num_hidden_layers: int = Field(2, ge=1)
+    """Number of transformer blocks."""
+    num_attention_heads: int = Field(4, ge=1)
+    """Query heads; ``hidden_size / num_attention_heads`` must be a head size vLLM-CPU supports."""
+    num_key_value_heads: int = Field(2, ge=1)
+    """Key/value heads (grouped-query attention); must divide ``num_attention_heads``."""
+    intermediate_size: int = Field(384, ge=1)
+    """Width of the MLP."""
+    seed: int = 0
+    """Seed of the weight initialisation and of the order of training examples."""
+    train_steps: int = Field(1000, ge=1)
+    """Optimizer steps before the first pass@8 check."""
+    max_train_steps: int = Field(1500, ge=1)
+    """Upper bound on optimizer steps: while the build-time pass@8 check is below
+    ``min_pass_at_8``, training goes on in phases of ``train_steps / 4`` at half the peak rate."""
+    batch_size: int = Field(16, ge=1)
+    """Training sequences per optimizer step."""
+    learning_rate: float = Field(4e-3, gt=0)
+    """Peak AdamW learning rate (linear warm-up, then cosine decay to a tenth)."""
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> TinyLMSettings:
+        problems = []
+        head_size, rest = divmod(self.hidden_size, self.num_attention_heads)
+        if rest or head_size not in VLLM_CPU_HEAD_SIZES:
+            problems.append(
+                f"hidden_size / num_attention_heads = {self.hidden_size / self.num_attention_heads:g}"
+                f" is not a head size vLLM-CPU supports {VLLM_CPU_HEAD_SIZES}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            problems.append("num_key_value_heads must divide num_attention_heads")
+        if self.max_train_steps < self.train_steps:
+            problems.append("max_train_steps must be at least train_steps")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class CpuWorldSettings(BaseModel):
+    """Everything that determines the CPU world's tokenizer, students and reward models."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    cache_dir: str | None = None
+    """Cache root; ``None`` means ``$QUP_CACHE_DIR``, else ``~/.cache/qup_ray``. Not hashed."""
+    seed: int = 0
+    """Seed of the synthetic training problems, the target noise and the reward heads."""
+    num_train_problems: int = Field(4_000, ge=100)
+    """Synthetic problems the students are trained on (drawn with repeats)."""
+    num_eval_problems: int = Field(80, ge=5)
+    """Held-out problems of the build-time pass@8 check."""
+    noise_rate: float = Field(0.05, ge=0, le=1)
+    """Fraction of training targets with one digit changed, so students also learn mistakes."""
+    min_pass_at_8: float = Field(0.3, ge=0, le=1)
+    """Training continues (up to ``max_train_steps``) until held-out pass@8 reaches this."""
+    vocab_size: int = Field(768, ge=300)
+    """Upper bound on the byte-level BPE vocabulary shared by all CPU-world models."""
+    qwen2: TinyLMSettings = TinyLMSettings(seed=1)
+    """The ``Qwen2ForCausalLM`` student (``cpu-world:tiny-qwen2``)."""
+    llama: TinyLMSettings = TinyLMSettings(seed=2)
+    """The ``LlamaForCausalLM`` student (``cpu-world:tiny-llama``)."""
+    reward_fit_steps: int = Field(300, ge=0)
+    """Steps fitting each reward head to prefer correct, compact traces (0: random heads)."""
+
+    def cache_root(self) -> Path:
+        """The resolved cache root directory."""
+        return resolve_cache_root(self.cache_dir)
+
+    def hashed_fields(self) -> dict:
+        """The fields that define the built artefacts (everything but where they are cached)."""
+        return self.model_dump(mode="json", exclude={"cache_dir"})
+
+
+def resolve_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir`` if given, else ``$QUP_CACHE_DIR``, else ``~/.cache/qup_ray``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("QUP_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "qup_ray"
