@@ -197,3 +197,13 @@ def test_command_line_server():
     finally:
         proc.terminate()
         assert proc.wait(timeout=10) == 0
+
+
+def test_n_choices_and_max_tokens_truncation(rule_oracle):
+    p = PROBLEMS[0]
+    reply = _ask(_client(rule_oracle), [{"role": "user", "content": p.problem}], n=3, max_tokens=2)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert all(
+        c.finish_reason == "length" and len(c.message.content.split()) == 2 for c in reply.choices
+    )
+    assert reply.usage.completion_tokens == 6

@@ -20,6 +20,7 @@ import pytest
 
 from qup_ray.config import CONFIGS_DIR, load_config
 from qup_ray.rundir import MANIFEST
+from qup_ray.stages import STAGE_ORDER, is_built
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -41,11 +42,27 @@ def manifest(folder: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
-def dryrun_dir(tmp_path_factory: pytest.TempPathFactory, cpu_world) -> Path:
+def dryrun_result(tmp_path_factory: pytest.TempPathFactory, cpu_world) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("dryrun")
     result = qup("dryrun", "--out", str(out), *OVERRIDES)
     assert result.returncode == 0, result.stderr[-5000:]
-    return out / "dryrun"
+    return out / "dryrun", result.stdout
+
+
+@pytest.fixture(scope="session")
+def dryrun_dir(dryrun_result: tuple[Path, str]) -> Path:
+    return dryrun_result[0]
+
+
+def test_dryrun_runs_every_built_stage_and_names_the_rest(dryrun_result: tuple[Path, str]):
+    run_dir, stdout = dryrun_result
+    built = [s for s in STAGE_ORDER if is_built(s)]
+    missing = [s for s in STAGE_ORDER if not is_built(s)]
+    assert f"ran {', '.join(built)}" in stdout
+    if missing:
+        assert f"not built yet in this version: {', '.join(missing)}" in stdout
+    assert (run_dir / "config.yaml").is_file()
+    assert "api_key" not in (run_dir / "config.yaml").read_text()
 
 
 @pytest.fixture(scope="session")
