@@ -146,8 +146,11 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             request = json.loads(raw)
             messages = request["messages"]
-            if not isinstance(messages, list):
-                raise TypeError("messages must be a list")
+            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+                raise TypeError("messages must be a list of objects")
+            n = max(1, int(request.get("n") or 1))
+            max_tokens = request.get("max_completion_tokens") or request.get("max_tokens")
+            max_tokens = int(max_tokens) if max_tokens else None
         except (ValueError, KeyError, TypeError) as exc:
             self._error(400, f"bad request: {exc}", "invalid_request_error")
             return
@@ -179,12 +182,10 @@ class _Handler(BaseHTTPRequestHandler):
         if fault == "malformed":
             # Alternate the two malformed shapes: no content at all, and no final answer.
             text = "" if index % 2 == 0 else strip_answer(text)
-        max_tokens = request.get("max_completion_tokens") or request.get("max_tokens")
-        if max_tokens and count_tokens(text) > int(max_tokens):
-            text, finish = " ".join(text.split()[: int(max_tokens)]), "length"
+        if max_tokens and count_tokens(text) > max_tokens:
+            text, finish = " ".join(text.split()[:max_tokens]), "length"
         prompt_tokens = sum(count_tokens(t) for t in message_texts(messages))
         completion_tokens = count_tokens(text)
-        n = max(1, int(request.get("n") or 1))
         self._send_json(
             200,
             {
