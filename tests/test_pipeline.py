@@ -62,7 +62,10 @@ def test_dryrun_runs_every_built_stage_and_names_the_rest(dryrun_result: tuple[P
     if missing:
         assert f"not built yet in this version: {', '.join(missing)}" in stdout
     assert (run_dir / "config.yaml").is_file()
-    assert "api_key" not in (run_dir / "config.yaml").read_text()
+    # The resolved config is saved and loads back to the same experiment.
+    saved = load_config(run_dir / "config.yaml")
+    assert saved.stream_names() == load_config(CONFIGS_DIR / "dryrun.yaml").stream_names()
+    assert saved.problems.num_problems == 32
 
 
 @pytest.fixture(scope="session")
