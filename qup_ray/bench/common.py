@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import time
+from queue import Empty
 from collections.abc import Callable
 from typing import Any
 
@@ -35,8 +36,18 @@ def run_in_subprocess(fn: Callable[..., Any], *args: Any, timeout_s: float = 180
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(fn, args, queue))
     proc.start()
+    deadline = time.monotonic() + timeout_s
     try:
-        return queue.get(timeout=timeout_s)
+        while True:
+            try:
+                return queue.get(timeout=5)
+            except Empty:
+                if not proc.is_alive():
+                    raise RuntimeError(
+                        f"the baseline process died (exit code {proc.exitcode})"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the baseline took more than {timeout_s} s") from None
     finally:
         proc.join(timeout=120)
         if proc.is_alive():

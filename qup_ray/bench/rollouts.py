@@ -21,8 +21,8 @@ logger = logging.getLogger(__name__)
 
 
 def _bare(
-    model_path: str, engine: dict, sampling: dict, requests: list[dict], cache_dir: str, queue: Any
-) -> None:
+    model_path: str, engine: dict, sampling: dict, requests: list[dict], cache_dir: str
+) -> dict:
     """The baseline, in its own process: one LLM, one `generate` over every prompt."""
     from qup_ray.engines import set_engine_caches, shutdown_llm
 
