@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import time
-from queue import Empty
 from collections.abc import Callable
+from queue import Empty
 from typing import Any
 
 
