@@ -162,6 +162,12 @@ def git_commit() -> str | None:
         return None
 
 
+def stable_hash(*parts: object) -> str:
+    """Short hash of JSON-able parts: what stage config hashes are made of."""
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def manifest_fingerprint(stage_dir: Path) -> str | None:
     """Hash of a finished stage's manifest; a dependent stage records it to notice changes."""
     path = Path(stage_dir) / MANIFEST

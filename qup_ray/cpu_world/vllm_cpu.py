@@ -6,12 +6,12 @@ vLLM spawns worker processes, so a script that creates an engine must do it unde
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 from typing import Any
 
 from qup_ray.cpu_world.settings import CpuWorldSettings
+from qup_ray.engines import shutdown_llm  # noqa: F401  (re-exported for the CPU world's users)
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +50,3 @@ def offline_env(settings: CpuWorldSettings | None = None, apply: bool = True) ->
             os.environ.setdefault(key, value)
         return {key: os.environ[key] for key in wanted}
     return {key: os.environ.get(key, value) for key, value in wanted.items()}
-
-
-def shutdown_llm(llm: Any) -> None:
-    """Stop a ``vllm.LLM``'s engine process now (rather than at garbage collection)."""
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:  # already gone, or a vLLM without this attribute path
-        logger.debug("vLLM engine shutdown raised", exc_info=True)
-    del llm
-    gc.collect()

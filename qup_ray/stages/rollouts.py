@@ -26,7 +26,7 @@ from qup_ray.config import ExperimentConfig, ModelConfig
 from qup_ray.engines import Grader, VLLMGenerator, request_seed
 from qup_ray.prompts import chat_messages, load_prompt, render_chat
 from qup_ray.rft import select_rft
-from qup_ray.rundir import RunDir, Stage, StageError, read_parquet
+from qup_ray.rundir import RunDir, Stage, StageError, read_parquet, stable_hash
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,11 @@ def run_student(
 ) -> Path:
     """Rollouts of one student: `rollouts/<student>/rollouts.parquet`."""
     model = cfg.students[student]
-    config_hash = cfg.section_hash("rollouts", "grading", "cpu_world") + ":" + _model_hash(model)
+    config_hash = (
+        cfg.section_hash("rollouts", "grading", "cpu_world")
+        + ":"
+        + stable_hash(model.model_dump(mode="json"))
+    )
     stage = Stage(
         run.root / "rollouts" / student, config_hash, inputs=[run.root / "problems"], force=force
     )
@@ -236,12 +240,6 @@ def run_slm_rft(cfg: ExperimentConfig, run: RunDir, student: str, force: bool) -
             row_counts={"stream": len(rows)}, filters=counts, selection=cfg.rollouts.rft.selection
         )
     return stage.dir
-
-
-def _model_hash(model: ModelConfig) -> str:
-    import hashlib
-
-    return hashlib.sha256(model.model_dump_json().encode()).hexdigest()[:12]
 
 
 def run(cfg: ExperimentConfig, *, force: bool = False) -> Path:

@@ -41,7 +41,7 @@ from qup_ray.oracle.prompts import (
     synthesize_messages,
 )
 from qup_ray.prompts import load_prompt
-from qup_ray.rundir import RunDir, Stage, StageError, read_parquet
+from qup_ray.rundir import RunDir, Stage, StageError, read_parquet, stable_hash
 from qup_ray.stages.rollouts import STREAM_SCHEMA
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,9 @@ def oracle_stream(cfg: ExperimentConfig, run: RunDir, student: str, stream: str,
     config_hash = (
         cfg.section_hash("streams", "grading")
         + ":"
-        + _hash([cfg.oracles[o].model_dump(mode="json") for o in [oracle, *judge]], prompt_state)
+        + stable_hash(
+            [cfg.oracles[o].model_dump(mode="json") for o in [oracle, *judge]], prompt_state
+        )
     )
     stage = Stage(run.root / "streams" / student / stream, config_hash, inputs=inputs, force=force)
     if stage.is_done():
@@ -209,7 +211,7 @@ def cut_to_common_ids(cfg: ExperimentConfig, run: RunDir, student: str, force: b
     dirs = [run.root / "streams" / student / s for s in streams]
     stage = Stage(
         run.root / "streams" / student / "final",
-        _hash(streams),
+        stable_hash(streams),
         inputs=[run.root / "problem_set", *dirs],
         force=force,
     )
@@ -280,9 +282,3 @@ def run(cfg: ExperimentConfig, *, force: bool = False) -> Path:
     for student in cfg.students:
         run_student(cfg, run_dir, student, force)
     return run_dir.root / "streams"
-
-
-def _hash(*parts: object) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
