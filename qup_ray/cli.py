@@ -19,9 +19,10 @@ import importlib.util
 import inspect
 import json
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -58,6 +59,9 @@ def _setup(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False,
 ) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    # stdout carries results (JSON lines of `bench`, `grade`); every log goes to stderr, vLLM's
+    # too (it logs to stdout by default, also in the processes it starts).
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
@@ -191,6 +195,14 @@ def bench(
     ],
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     quick: Annotated[bool, typer.Option(help="Smaller workload, for smoke tests.")] = False,
+    rounds: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Engine benchmarks: alternating baseline/pipeline rounds, "
+            "median reported (default 3, 1 with --quick).",
+        ),
+    ] = None,
     overrides: Overrides = None,
 ) -> None:
     """Measured throughput of a pipeline stage against its bare baseline, in the same run.
@@ -202,12 +214,14 @@ def bench(
         known = ", ".join(sorted(benches)) or "none yet"
         raise NotBuilt(f"benchmark {name!r} is not built yet (available: {known})")
     run_bench = importlib.import_module(benches[name]).run
-    if overrides:
-        if "overrides" not in inspect.signature(run_bench).parameters:
-            raise ConfigError([f"benchmark {name!r} takes no config overrides"], source="qup bench")
-        result = run_bench(quick=quick, overrides=overrides)
-    else:
-        result = run_bench(quick=quick)
+    accepted = inspect.signature(run_bench).parameters
+    kwargs: dict[str, Any] = {"quick": quick}
+    for option, value in (("overrides", overrides), ("rounds", rounds)):
+        if value:
+            if option not in accepted:
+                raise ConfigError([f"benchmark {name!r} takes no {option}"], source="qup bench")
+            kwargs[option] = value
+    result = run_bench(**kwargs)
     if as_json:
         typer.echo(json.dumps(result, sort_keys=True))
     else:

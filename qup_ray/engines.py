@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,29 @@ def shutdown_llm(llm: Any) -> None:
         logger.debug("vLLM engine shutdown raised", exc_info=True)
 
 
+def warm_up(llm: Any, *, pooling_task: str | None = None) -> None:
+    """One throw-away batch right after start-up, so start-up costs that vLLM defers to the
+    first forward pass (an eager CPU engine with a fixed KV cache skips its own warm-up) are paid
+    in the actor's constructor, not by the first batch of real work. Sampling is seeded per
+    request, so this changes no output."""
+    from vllm import PoolingParams, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    vocab = llm.llm_engine.model_config.get_vocab_size()
+    max_len = llm.llm_engine.model_config.max_model_len
+    length = max(2, min(256, max_len // 2))
+    prompts = [
+        TokensPrompt(prompt_token_ids=[(7 * i + 13 * j) % vocab for j in range(length)])
+        for i in range(8)
+    ]
+    if pooling_task is not None:
+        llm.encode(prompts, pooling_task=pooling_task, pooling_params=PoolingParams(),
+                   use_tqdm=False)  # fmt: skip
+        return
+    params = SamplingParams(max_tokens=4, prompt_logprobs=0, temperature=0.0, seed=0)
+    llm.generate(prompts, params, use_tqdm=False)
+
+
 def _ray_counter(name: str, description: str, tag_keys: tuple[str, ...]) -> Any:
     """A Ray metric (shown in the dashboard's Metrics view), or None outside a Ray worker."""
     import ray
@@ -89,6 +113,11 @@ class VLLMGenerator:
 
     Input columns: `prompt` (the rendered chat), `seed` (per-request), plus any columns to pass
     through. Output adds: sample_idx, response, finish_reason, num_tokens. `prompt` is dropped.
+
+    All prompts of a batch go to the engine together (as `LLM.generate` does), but finished
+    requests are yielded in chunks of about `emit_every` prompts while the rest still decode, so
+    the stages after it (grading) overlap generation instead of waiting for the batch's slowest
+    request. Chunks come out in completion order; a consumer that needs an order sorts.
     """
 
     def __init__(
@@ -98,31 +127,52 @@ class VLLMGenerator:
         sampling: dict,
         cache_dir: str | None = None,
         metric_tags: dict[str, str] | None = None,
+        emit_every: int = 16,
     ) -> None:
         set_engine_caches(cache_dir)
         from vllm import LLM
 
         self.llm = LLM(model=model_path, **engine_kwargs(engine))
+        warm_up(self.llm)
         self.sampling = dict(sampling)
+        self.emit_every = emit_every
+        self.calls = 0
         self.tags = metric_tags or {}
         self.samples = _ray_counter("qup_samples_generated", "Samples generated", tuple(self.tags))
         self.tokens = _ray_counter("qup_tokens_generated", "Tokens generated", tuple(self.tags))
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, list]]:
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
-        prompts = [str(p) for p in batch["prompt"]]
-        params = [SamplingParams(**self.sampling, seed=int(s)) for s in batch["seed"]]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        engine = self.llm.llm_engine
+        self.calls += 1
+        prefix = f"b{self.calls}-"
+        for i, (prompt, seed) in enumerate(zip(batch["prompt"], batch["seed"], strict=True)):
+            params = SamplingParams(
+                **self.sampling, seed=int(seed), output_kind=RequestOutputKind.FINAL_ONLY
+            )
+            engine.add_request(f"{prefix}{i}", str(prompt), params)
+        finished: list[Any] = []
+        while engine.has_unfinished_requests():
+            finished += [out for out in engine.step() if out.finished]
+            if len(finished) >= self.emit_every:
+                yield self._rows(batch, finished, prefix)
+                finished = []
+        if finished:
+            yield self._rows(batch, finished, prefix)
+
+    def _rows(self, batch: dict[str, np.ndarray], outputs: list[Any], prefix: str) -> dict:
         passthrough = [k for k in batch if k != "prompt"]
         out: dict[str, list] = {
             k: [] for k in [*passthrough, "sample_idx", "response", "finish_reason", "num_tokens"]
         }
-        for i, request in enumerate(outputs):
-            for j, completion in enumerate(request.outputs):
+        for request in outputs:
+            i = int(request.request_id.removeprefix(prefix))
+            for completion in sorted(request.outputs, key=lambda c: c.index):
                 for k in passthrough:
                     out[k].append(batch[k][i])
-                out["sample_idx"].append(j)
+                out["sample_idx"].append(completion.index)
                 out["response"].append(completion.text)
                 out["finish_reason"].append(str(completion.finish_reason))
                 out["num_tokens"].append(len(completion.token_ids))
@@ -135,13 +185,21 @@ class Grader:
     """Grades `response` against `answer` with the project's bounded checker (CPU stage).
 
     Adds extracted, extract_mode, correct, status. One checker process per actor, so a
-    pathological answer costs at most the time bound and never wedges the pipeline."""
+    pathological answer costs at most the time bound and never wedges the pipeline. Grading
+    runs at a lower CPU priority (`nice`) than the engines: where both share CPU cores (vLLM on
+    CPU), grading waits, not generation; it catches up as soon as the engine is done."""
 
     def __init__(
-        self, timeout_s: float = 5.0, lenient: bool = False, metric_tags: dict | None = None
+        self,
+        timeout_s: float = 5.0,
+        lenient: bool = False,
+        metric_tags: dict | None = None,
+        nice: int = 10,
     ) -> None:
         from qup_ray.grading import BoundedChecker
 
+        if nice:
+            os.nice(nice)  # this process and the checker processes it starts next
         self.checker = BoundedChecker(workers=1, timeout_s=timeout_s)
         self.lenient = lenient
         self.tags = metric_tags or {}
@@ -176,6 +234,7 @@ class VLLMPromptLogprobs:
         from vllm import LLM
 
         self.llm = LLM(model=model_path, **engine_kwargs(engine, dtype=dtype))
+        warm_up(self.llm)
         self.tags = metric_tags or {}
         self.scored = _ray_counter(
             "qup_traces_ppl_scored", "Traces scored for perplexity", tuple(self.tags)
@@ -218,7 +277,9 @@ class VLLMRewardScorer:
         from vllm import LLM
 
         self.kind = kind
+        self.task = "token_classify" if kind == "qwen_math_rm" else "classify"
         self.llm = LLM(model=model_path, runner="pooling", **engine_kwargs(engine))
+        warm_up(self.llm, pooling_task=self.task)
         self.tags = metric_tags or {}
         self.scored = _ray_counter(
             "qup_traces_reward_scored", "Traces scored by a reward model", tuple(self.tags)

@@ -238,6 +238,49 @@ def test_ppl_matches_a_transformers_float32_forward(dryrun_dir: Path, cfg, cpu_w
     assert checked >= 5
 
 
+@pytest.mark.parametrize("rm_name", ["tiny-qwen-rm", "tiny-llama-rm"])
+def test_reward_column_matches_a_torch_head_on_the_same_conversation(
+    dryrun_dir: Path, cfg, cpu_world, rm_name: str
+):
+    """The stage's reward of a trace against transformers + torch on the conversation the reward
+    model expects: its system prompt (if configured), the problem, the trace."""
+    import yaml
+    from transformers import AutoTokenizer
+
+    from qup_ray.config import CONFIGS_DIR
+    from qup_ray.cpu_world.reward_models import reference_scores
+
+    rm = cfg.reward_models[rm_name]
+    model_dir = cpu_world[rm.path.removeprefix("cpu-world:")]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    system = (
+        yaml.safe_load((CONFIGS_DIR / "prompts" / f"{rm.prompt}.yaml").read_text())["system"]
+        if rm.prompt
+        else None
+    )
+    texts, stage_scores = [], []
+    for student in cfg.students:
+        for stream in ("slm_rft", "oracle_refined"):
+            traces = {
+                t["problem_id"]: t
+                for t in table(dryrun_dir / "streams" / student / "final" / f"{stream}.parquet")
+            }
+            for row in table(
+                dryrun_dir / "scores" / student / stream / f"reward-{rm_name}.parquet"
+            )[:3]:
+                t = traces[row["problem_id"]]
+                messages = [{"role": "system", "content": system}] if system else []
+                messages += [{"role": "user", "content": t["problem"]},
+                             {"role": "assistant", "content": t["trace"]}]  # fmt: skip
+                texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+                stage_scores.append(row["reward"])
+    assert len(texts) == 12
+    expected = reference_scores(model_dir, texts, tokenizer)
+    assert max(abs(a - b) for a, b in zip(stage_scores, expected, strict=True)) < 1e-4
+    # Not a constant head: the traces get different scores.
+    assert max(expected) - min(expected) > 1e-3
+
+
 def test_rollouts_resume_after_kill_equals_unbroken_run(tmp_path: Path, dryrun_dir: Path, cfg):
     """Kill `qup run rollouts` after its first shard; the rerun finishes the rest, and its output
     equals the dry run's uninterrupted rollouts."""

@@ -3,11 +3,14 @@ baseline in a process of its own (so its engine is gone before the pipeline's st
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import time
 from collections.abc import Callable
 from queue import Empty
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 def with_batch_start(actor_cls: type) -> type:
@@ -16,14 +19,20 @@ def with_batch_start(actor_cls: type) -> type:
     baseline does."""
 
     class Timed(actor_cls):  # type: ignore[misc, valid-type]
-        def __call__(self, batch: dict) -> dict:
+        def __call__(self, batch: dict) -> Any:
             started = time.time()
             out = super().__call__(batch)
-            out["batch_started_at"] = [started] * len(next(iter(out.values())))
-            return out
+            if isinstance(out, dict):
+                return _stamped(out, started)
+            return (_stamped(chunk, started) for chunk in out)  # an actor that yields chunks
 
     Timed.__name__ = Timed.__qualname__ = f"Timed{actor_cls.__name__}"
     return Timed
+
+
+def _stamped(out: dict, started: float) -> dict:
+    out["batch_started_at"] = [started] * len(next(iter(out.values())))
+    return out
 
 
 def _child(fn: Callable[..., Any], args: tuple, queue: Any) -> None:
@@ -57,3 +66,34 @@ def run_in_subprocess(fn: Callable[..., Any], *args: Any, timeout_s: float = 180
 def pipeline_seconds(batches: list[Any]) -> float:
     """Seconds from the first engine batch's start to now (the driver holding the last row)."""
     return time.time() - min(min(b.column("batch_started_at").to_pylist()) for b in batches)
+
+
+def alternate_rounds(
+    bare: Callable[[], dict], pipeline: Callable[[], dict], rounds: int
+) -> dict[str, Any]:
+    """Run the baseline, then the pipeline, `rounds` times over; each returns `tokens` and
+    `seconds`. On a shared machine one round can be off by 20% either way, so the medians are
+    reported with every round's ratio. Ray is shut down after each pipeline round, so the
+    next baseline runs without an idle cluster beside it."""
+    import statistics
+
+    import ray
+
+    pairs = []
+    for i in range(rounds):
+        b = bare()
+        p = pipeline()
+        ray.shutdown()
+        pairs.append((b["tokens"] / b["seconds"], p["tokens"] / p["seconds"], b, p))
+        logger.info("round %d/%d: ratio %.3f", i + 1, rounds, pairs[-1][1] / pairs[-1][0])
+    return {
+        "baseline_per_s": round(statistics.median(b for b, *_ in pairs), 1),
+        "pipeline_per_s": round(statistics.median(p for _, p, *_ in pairs), 1),
+        "ratio": round(statistics.median(p / b for b, p, *_ in pairs), 3),
+        "round_ratios": [round(p / b, 3) for b, p, *_ in pairs],
+        "baseline_s": [round(b["seconds"], 2) for *_, b, _ in pairs],
+        "pipeline_s": [round(p["seconds"], 2) for *_, p in pairs],
+        "rounds": rounds,
+        "last_baseline": pairs[-1][2],
+        "last_pipeline": pairs[-1][3],
+    }

@@ -11,8 +11,14 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
-from qup_ray.bench.common import pipeline_seconds, run_in_subprocess, with_batch_start
+from qup_ray.bench.common import (
+    alternate_rounds,
+    pipeline_seconds,
+    run_in_subprocess,
+    with_batch_start,
+)
 from qup_ray.config import CONFIGS_DIR, load_config
 from qup_ray.engines import VLLMPromptLogprobs, engine_kwargs
 from qup_ray.ppl import response_nll
@@ -33,7 +39,7 @@ def _traces(num: int) -> list[dict]:
 
 def _bare(model_path: str, engine: dict, rows: list[dict], cache_dir: str) -> dict:
     """The baseline, in its own process: one LLM, one prompt-logprob `generate` over all rows."""
-    from qup_ray.engines import set_engine_caches, shutdown_llm
+    from qup_ray.engines import set_engine_caches, shutdown_llm, warm_up
 
     set_engine_caches(cache_dir)
     from vllm import LLM, SamplingParams
@@ -41,10 +47,7 @@ def _bare(model_path: str, engine: dict, rows: list[dict], cache_dir: str) -> di
 
     llm = LLM(model=model_path, **engine_kwargs(engine, dtype="float32"))
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
-    # Warm the engine up first (the pipeline's first batch pays this, so the ratio is conservative).
-    llm.generate(
-        [TokensPrompt(prompt_token_ids=r["input_ids"]) for r in rows[:4]], params, use_tqdm=False
-    )
+    warm_up(llm)  # as the pipeline's actor does in its constructor
     t0 = time.perf_counter()
     outputs = llm.generate([TokensPrompt(prompt_token_ids=r["input_ids"]) for r in rows],
                            params, use_tqdm=False)  # fmt: skip
@@ -74,15 +77,39 @@ def _transformers_nll(model_path: str, rows: list[dict]) -> list[float]:
     return out
 
 
-def run(*, quick: bool = False, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """Prompt tokens per second of the pipeline and of the bare engine, their ratio, and the
-    largest |mean NLL difference| against transformers float32."""
+def _pipeline(cfg: Any, model: Any, path: str, rows: list[dict]) -> dict:
     import ray
+
+    from qup_ray.ray_session import init_ray
+
+    init_ray(cfg.ray)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ds = ray.data.from_items([dict(r, idx=i) for i, r in enumerate(rows)]).map_batches(
+        with_batch_start(VLLMPromptLogprobs),
+        fn_constructor_kwargs={"model_path": path, "engine": model.engine.model_dump(), "dtype": "float32",
+                               "cache_dir": str(cfg.cpu_world.cache_root())},
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=model.engine.num_cpus_per_actor,
+        batch_size=model.engine.batch_size,
+    )  # fmt: skip
+    batches = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    scored = sorted((r for b in batches for r in b.to_pylist()), key=lambda r: r["idx"])
+    return {
+        "tokens": sum(len(r["input_ids"]) for r in rows),
+        "seconds": pipeline_seconds(batches),
+        "mean_nll": [s["mean_nll"] for s in scored],
+    }
+
+
+def run(
+    *, quick: bool = False, rounds: int | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> dict:
+    """Prompt tokens per second of the pipeline and of the bare engine, their ratio (medians
+    over alternating rounds), and the largest |mean NLL difference| against transformers
+    float32."""
     from transformers import AutoTokenizer
 
     from qup_ray.ppl import encode_example
     from qup_ray.prompts import chat_messages, load_prompt, render_chat
-    from qup_ray.ray_session import init_ray
     from qup_ray.stages.rollouts import resolve_model
 
     cfg = load_config(CONFIGS_DIR / "dryrun.yaml", overrides)
@@ -100,32 +127,20 @@ def run(*, quick: bool = False, overrides: list[str] | tuple[str, ...] = ()) -> 
         rows.append({"input_ids": ids, "response_start": start})
     engine = model.engine.model_dump()
     cache_dir = str(cfg.cpu_world.cache_root())
-    bare = run_in_subprocess(_bare, path, engine, rows, cache_dir)
-
-    init_ray(cfg.ray)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    ds = ray.data.from_items([dict(r, idx=i) for i, r in enumerate(rows)]).map_batches(
-        with_batch_start(VLLMPromptLogprobs),
-        fn_constructor_kwargs={"model_path": path, "engine": engine, "dtype": "float32", "cache_dir": cache_dir},
-        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=model.engine.num_cpus_per_actor,
-        batch_size=model.engine.batch_size,
-    )  # fmt: skip
-    batches = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
-    seconds = pipeline_seconds(batches)
-    scored = sorted((r for b in batches for r in b.to_pylist()), key=lambda r: r["idx"])
+    result = alternate_rounds(
+        lambda: run_in_subprocess(_bare, path, engine, rows, cache_dir),
+        lambda: _pipeline(cfg, model, path, rows),
+        rounds or (1 if quick else 3),
+    )
+    result.pop("last_baseline")
+    pipeline_nll = result.pop("last_pipeline")["mean_nll"]
     reference = _transformers_nll(path, rows[: 32 if quick else 128])
-    max_diff = max(abs(s["mean_nll"] - ref) for s, ref in zip(scored, reference, strict=False))
-    tokens = sum(len(r["input_ids"]) for r in rows)
-    pipeline_per_s, baseline_per_s = tokens / seconds, bare["tokens"] / bare["seconds"]
+    max_diff = max(abs(s - ref) for s, ref in zip(pipeline_nll, reference, strict=False))
     return {
         "bench": "ppl",
-        "pipeline_per_s": round(pipeline_per_s, 1),
-        "baseline_per_s": round(baseline_per_s, 1),
-        "ratio": round(pipeline_per_s / baseline_per_s, 3),
+        **result,
         "unit": "scored tokens/s",
         "num_traces": len(rows),
-        "pipeline_s": round(seconds, 2),
-        "baseline_s": round(bare["seconds"], 2),
         "max_abs_nll_diff": max_diff,
         "nll_checked_traces": len(reference),
     }

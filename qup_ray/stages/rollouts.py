@@ -19,10 +19,11 @@ import math
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
-from qup_ray.config import ExperimentConfig, ModelConfig
+from qup_ray.config import ExperimentConfig
 from qup_ray.engines import Grader, VLLMGenerator, request_seed
 from qup_ray.prompts import chat_messages, load_prompt, render_chat
 from qup_ray.rft import select_rft
@@ -74,12 +75,46 @@ def aligned_batch_size(batch_size: int, shard_size: int) -> int:
     return max(d for d in range(1, min(batch_size, shard_size) + 1) if shard_size % d == 0)
 
 
-def generate(cfg: ExperimentConfig, student: str, model: ModelConfig, model_path: str,
-             requests: list[dict], stage: Stage, done: set[int]) -> None:  # fmt: skip
-    """Run the generate -> grade pipeline over the unfinished shards, writing each as it completes."""
+def sampling_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
+    """`vllm.SamplingParams` keyword arguments of the rollouts (the seed is per request)."""
+    r = cfg.rollouts
+    return {"n": r.num_samples_per_problem, "temperature": r.temperature, "top_p": r.top_p,
+            "max_tokens": r.max_new_tokens}  # fmt: skip
+
+
+def rollout_dataset(cfg: ExperimentConfig, student: str, model_path: str, rows: list[dict],
+                    batch_size: int, generator: type = VLLMGenerator) -> Any:  # fmt: skip
+    """The Ray Data pipeline of the stage: vLLM actors generate, a grader actor checks every
+    sample as chunks of finished requests arrive. `rows` carry `prompt`, `seed`, `answer` and
+    any columns to pass through. (`qup bench rollouts` times this same pipeline.)"""
     import ray
 
-    r, e = cfg.rollouts, model.engine
+    e = cfg.students[student].engine
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    tags = {"student": student, "stage": "rollouts"}
+    return ray.data.from_items(rows).map_batches(
+        generator,
+        fn_constructor_kwargs={
+            "model_path": model_path, "engine": e.model_dump(), "metric_tags": tags,
+            "cache_dir": str(cfg.cpu_world.cache_root()),
+            "sampling": sampling_kwargs(cfg),
+        },
+        compute=ray.data.ActorPoolStrategy(size=e.num_actors),
+        num_gpus=e.num_gpus_per_actor, num_cpus=e.num_cpus_per_actor,
+        batch_size=batch_size,
+    ).map_batches(
+        Grader,
+        fn_constructor_kwargs={"timeout_s": cfg.grading.timeout_s, "lenient": cfg.grading.lenient,
+                               "metric_tags": tags},
+        # One grader call per chunk the generator yields: grading keeps pace with generation.
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5, batch_size=None,
+    )  # fmt: skip
+
+
+def generate(cfg: ExperimentConfig, student: str, model_path: str, requests: list[dict],
+             stage: Stage, done: set[int]) -> None:  # fmt: skip
+    """Run the generate -> grade pipeline over the unfinished shards, writing each as it completes."""
+    r = cfg.rollouts
     pending = [
         dict(q, shard=i // r.shard_size)
         for i, q in enumerate(requests)
@@ -88,27 +123,10 @@ def generate(cfg: ExperimentConfig, student: str, model: ModelConfig, model_path
     if not pending:
         return
     expected = Counter(q["shard"] for q in pending)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    tags = {"student": student, "stage": "rollouts"}
-    gen_batch = aligned_batch_size(e.batch_size, r.shard_size)
-    ds = ray.data.from_items(pending).map_batches(
-        VLLMGenerator,
-        fn_constructor_kwargs={
-            "model_path": model_path, "engine": e.model_dump(), "metric_tags": tags,
-            "cache_dir": str(cfg.cpu_world.cache_root()),
-            "sampling": {"n": r.num_samples_per_problem, "temperature": r.temperature,
-                         "top_p": r.top_p, "max_tokens": r.max_new_tokens},
-        },
-        compute=ray.data.ActorPoolStrategy(size=e.num_actors),
-        num_gpus=e.num_gpus_per_actor, num_cpus=e.num_cpus_per_actor,
-        batch_size=gen_batch,
-    ).map_batches(
-        Grader,
-        fn_constructor_kwargs={"timeout_s": cfg.grading.timeout_s, "lenient": cfg.grading.lenient,
-                               "metric_tags": tags},
-        # One grader call per engine batch, so each shard reaches the driver as soon as it is done.
-        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5, batch_size=gen_batch * r.num_samples_per_problem,
-    )  # fmt: skip
+    gen_batch = aligned_batch_size(cfg.students[student].engine.batch_size, r.shard_size)
+    ds = rollout_dataset(cfg, student, model_path, pending, gen_batch)
+    # Chunks arrive in completion order; shards are written in request order.
+    position = {q["problem_id"]: i for i, q in enumerate(pending)}
     buffers: dict[int, list[dict]] = defaultdict(list)
     with stage.timed("generate_and_grade"):
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -119,9 +137,11 @@ def generate(cfg: ExperimentConfig, student: str, model: ModelConfig, model_path
                     | {"student": student}
                 )
                 if len(buffers[shard]) == expected[shard] * r.num_samples_per_problem:
-                    stage.write_shard(
-                        shard, pa.Table.from_pylist(buffers.pop(shard), schema=ROLLOUT_SCHEMA)
+                    rows = sorted(
+                        buffers.pop(shard),
+                        key=lambda x: (position[x["problem_id"]], x["sample_idx"]),
                     )
+                    stage.write_shard(shard, pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA))
                     logger.info("%s: shard %d written", stage.dir, shard)
     if buffers:
         raise RuntimeError(f"incomplete shards after generation: {sorted(buffers)}")
@@ -148,7 +168,7 @@ def run_student(
         requests = build_prompts(cfg, student, model_path, problems)
         num_shards = math.ceil(len(requests) / cfg.rollouts.shard_size)
         done = stage.plan_shards(num_shards)
-        generate(cfg, student, model, model_path, requests, stage, done)
+        generate(cfg, student, model_path, requests, stage, done)
         table = stage.read_shards()
         stage.write_table("rollouts", table)
         rows = table.to_pylist()
