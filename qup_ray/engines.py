@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,6 +67,40 @@ def shutdown_llm(llm: Any) -> None:
         llm.llm_engine.engine_core.shutdown()
     except Exception:  # already stopped, or another vLLM layout: nothing left to stop
         logger.debug("vLLM engine shutdown raised", exc_info=True)
+
+
+def start_llm(
+    model_path: str,
+    engine: EngineConfig | dict,
+    *,
+    dtype: str | None = None,
+    cache_dir: str | Path | None = None,
+    pooling_task: str | None = None,
+) -> Any:
+    """A warmed-up `vllm.LLM` built from the model's engine settings (every actor and benchmark
+    baseline starts its engine here). `pooling_task` selects the pooling runner (reward models).
+    Call it once per process: the process-level settings it makes hold for every later engine."""
+    e = engine if isinstance(engine, EngineConfig) else EngineConfig(**engine)
+    set_engine_caches(cache_dir)
+    in_process = e.in_process_core if e.in_process_core is not None else e.num_gpus_per_actor == 0
+    threads = max(1, math.floor(e.num_cpus_per_actor))
+    if in_process:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if e.num_gpus_per_actor == 0:
+            # Ray sets this in its workers already; a plain process (a benchmark's baseline)
+            # must compute with the same number of threads.
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+    from vllm import LLM
+
+    if in_process and e.num_gpus_per_actor == 0:
+        torch.set_num_threads(threads)
+    kwargs = engine_kwargs(e, dtype=dtype)
+    if pooling_task is not None:
+        kwargs["runner"] = "pooling"
+    llm = LLM(model=model_path, **kwargs)
+    warm_up(llm, pooling_task=pooling_task)
+    return llm
 
 
 def warm_up(llm: Any, *, pooling_task: str | None = None) -> None:
@@ -129,11 +164,7 @@ class VLLMGenerator:
         metric_tags: dict[str, str] | None = None,
         emit_every: int = 16,
     ) -> None:
-        set_engine_caches(cache_dir)
-        from vllm import LLM
-
-        self.llm = LLM(model=model_path, **engine_kwargs(engine))
-        warm_up(self.llm)
+        self.llm = start_llm(model_path, engine, cache_dir=cache_dir)
         self.sampling = dict(sampling)
         self.emit_every = emit_every
         self.calls = 0
@@ -230,11 +261,7 @@ class VLLMPromptLogprobs:
 
     def __init__(self, model_path: str, engine: dict, dtype: str | None = None,
                  cache_dir: str | None = None, metric_tags: dict | None = None) -> None:  # fmt: skip
-        set_engine_caches(cache_dir)
-        from vllm import LLM
-
-        self.llm = LLM(model=model_path, **engine_kwargs(engine, dtype=dtype))
-        warm_up(self.llm)
+        self.llm = start_llm(model_path, engine, dtype=dtype, cache_dir=cache_dir)
         self.tags = metric_tags or {}
         self.scored = _ray_counter(
             "qup_traces_ppl_scored", "Traces scored for perplexity", tuple(self.tags)
@@ -273,13 +300,9 @@ class VLLMRewardScorer:
 
     def __init__(self, model_path: str, engine: dict, kind: str, cache_dir: str | None = None,
                  metric_tags: dict | None = None) -> None:  # fmt: skip
-        set_engine_caches(cache_dir)
-        from vllm import LLM
-
         self.kind = kind
         self.task = "token_classify" if kind == "qwen_math_rm" else "classify"
-        self.llm = LLM(model=model_path, runner="pooling", **engine_kwargs(engine))
-        warm_up(self.llm, pooling_task=self.task)
+        self.llm = start_llm(model_path, engine, cache_dir=cache_dir, pooling_task=self.task)
         self.tags = metric_tags or {}
         self.scored = _ray_counter(
             "qup_traces_reward_scored", "Traces scored by a reward model", tuple(self.tags)

@@ -20,7 +20,7 @@ from qup_ray.bench.common import (
     with_batch_start,
 )
 from qup_ray.config import CONFIGS_DIR, load_config
-from qup_ray.engines import VLLMPromptLogprobs, engine_kwargs
+from qup_ray.engines import VLLMPromptLogprobs
 from qup_ray.ppl import response_nll
 
 logger = logging.getLogger(__name__)
@@ -39,15 +39,14 @@ def _traces(num: int) -> list[dict]:
 
 def _bare(model_path: str, engine: dict, rows: list[dict], cache_dir: str) -> dict:
     """The baseline, in its own process: one LLM, one prompt-logprob `generate` over all rows."""
-    from qup_ray.engines import set_engine_caches, shutdown_llm, warm_up
+    from qup_ray.engines import shutdown_llm, start_llm
 
-    set_engine_caches(cache_dir)
-    from vllm import LLM, SamplingParams
+    # The engine the pipeline's actor starts: same settings, threads and warm-up.
+    llm = start_llm(model_path, engine, dtype="float32", cache_dir=cache_dir)
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=model_path, **engine_kwargs(engine, dtype="float32"))
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
-    warm_up(llm)  # as the pipeline's actor does in its constructor
     t0 = time.perf_counter()
     outputs = llm.generate([TokensPrompt(prompt_token_ids=r["input_ids"]) for r in rows],
                            params, use_tqdm=False)  # fmt: skip

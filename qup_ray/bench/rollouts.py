@@ -20,7 +20,7 @@ from qup_ray.bench.common import (
     with_batch_start,
 )
 from qup_ray.config import CONFIGS_DIR, DatasetSource, load_config
-from qup_ray.engines import VLLMGenerator, engine_kwargs
+from qup_ray.engines import VLLMGenerator
 
 logger = logging.getLogger(__name__)
 
@@ -29,14 +29,13 @@ def _bare(
     model_path: str, engine: dict, sampling: dict, requests: list[dict], cache_dir: str
 ) -> dict:
     """The baseline, in its own process: one LLM, one `generate` over every prompt."""
-    from qup_ray.engines import set_engine_caches, shutdown_llm, warm_up
+    from qup_ray.engines import shutdown_llm, start_llm
 
-    set_engine_caches(cache_dir)
-    from vllm import LLM, SamplingParams
+    # The engine the pipeline's actor starts: same settings, threads and warm-up.
+    llm = start_llm(model_path, engine, cache_dir=cache_dir)
+    from vllm import SamplingParams
 
-    llm = LLM(model=model_path, **engine_kwargs(engine))
     params = [SamplingParams(**sampling, seed=r["seed"]) for r in requests]
-    warm_up(llm)  # as the pipeline's actor does in its constructor
     t0 = time.perf_counter()
     outputs = llm.generate([r["prompt"] for r in requests], params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
