@@ -134,14 +134,23 @@ class RewardModelConfig(StrictModel):
 
     path: str
     """Hub id, local directory, or `cpu-world:<name>`."""
-    kind: Literal["qwen_math_rm", "sequence_classifier"]
+    kind: Literal["qwen_math_rm", "sequence_classifier", "lm_token_logit"]
     """`qwen_math_rm`: Qwen2ForRewardModel, last token's score; `sequence_classifier`:
-    AutoModelForSequenceClassification with one label (Skywork, Nemotron in HF format)."""
+    AutoModelForSequenceClassification with one label (Skywork reward models);
+    `lm_token_logit`: a causal LM scored by the raw logit of `token_id` at the first generated
+    position (Llama-3.1-Nemotron-70B-Reward-HF, per its model card).
+
+    Verified here on the CPU world's tiny checkpoints of each layout (vLLM against a torch
+    computation of the same head). Not verified without the real weights: that vLLM picks the
+    same pooler for the 72B Qwen2.5-Math-RM and the Skywork checkpoints, the chat template each
+    ships, and the Nemotron card's recipe (token 0's logit) on the real 70B model."""
+    token_id: int = Field(0, ge=0)
+    """`lm_token_logit` only: the vocabulary id whose logit is the reward."""
     prompt: str | None = None
     """Prompt file (configs/prompts/) whose `system` message starts the conversation the reward
     model scores (Qwen2.5-Math-RM expects the CoT system prompt); None: user + assistant only."""
     engine: EngineConfig = EngineConfig()
-    """vLLM pooling-engine settings (set tensor_parallel_size/num_gpus_per_actor for 72B)."""
+    """vLLM engine settings (set tensor_parallel_size/num_gpus_per_actor for 72B)."""
 
 
 # --------------------------------------------------------------------------------------------

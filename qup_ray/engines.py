@@ -76,9 +76,11 @@ def start_llm(
     dtype: str | None = None,
     cache_dir: str | Path | None = None,
     pooling_task: str | None = None,
+    llm_kwargs: dict[str, Any] | None = None,
 ) -> Any:
     """A warmed-up `vllm.LLM` built from the model's engine settings (every actor and benchmark
-    baseline starts its engine here). `pooling_task` selects the pooling runner (reward models).
+    baseline starts its engine here). `pooling_task` selects the pooling runner (reward models);
+    `llm_kwargs` go to `vllm.LLM` as they are.
     Call it once per process: the process-level settings it makes hold for every later engine."""
     e = engine if isinstance(engine, EngineConfig) else EngineConfig(**engine)
     set_engine_caches(cache_dir)
@@ -95,7 +97,7 @@ def start_llm(
 
     if in_process and e.num_gpus_per_actor == 0:
         torch.set_num_threads(threads)
-    kwargs = engine_kwargs(e, dtype=dtype)
+    kwargs = engine_kwargs(e, dtype=dtype) | (llm_kwargs or {})
     if pooling_task is not None:
         kwargs["runner"] = "pooling"
     llm = LLM(model=model_path, **kwargs)
@@ -294,34 +296,56 @@ class VLLMPromptLogprobs:
 
 
 class VLLMRewardScorer:
-    """Reward of each `text` (a chat rendered with the reward model's template) in vLLM's pooling
-    runner: the last token's score for the Qwen2.5-Math-RM layout, the single logit for a
-    sequence classifier (Skywork, Nemotron in HF format). Raw scores, no sigmoid."""
+    """Reward of each row's `input_ids`: the conversation rendered with the reward model's chat
+    template and tokenized without adding special tokens (the template has them; letting vLLM
+    tokenize the text would add a second BOS for Llama-3 templates). Raw scores, no sigmoid.
+    By `kind`:
+
+    - `qwen_math_rm`: pooling runner, the last token's score (Qwen2ForRewardModel);
+    - `sequence_classifier`: pooling runner, the single logit (Skywork reward models);
+    - `lm_token_logit`: a causal LM whose reward is the raw logit of `token_id` at the first
+      generated position (Llama-3.1-Nemotron-70B-Reward-HF scores this way, token id 0).
+    """
 
     def __init__(self, model_path: str, engine: dict, kind: str, cache_dir: str | None = None,
-                 metric_tags: dict | None = None) -> None:  # fmt: skip
+                 metric_tags: dict | None = None, token_id: int = 0) -> None:  # fmt: skip
         self.kind = kind
-        self.task = "token_classify" if kind == "qwen_math_rm" else "classify"
-        self.llm = start_llm(model_path, engine, cache_dir=cache_dir, pooling_task=self.task)
+        self.token_id = token_id
+        if kind == "lm_token_logit":
+            self.llm = start_llm(model_path, engine, cache_dir=cache_dir,
+                                 llm_kwargs={"logprobs_mode": "raw_logits"})  # fmt: skip
+        else:
+            task = "token_classify" if kind == "qwen_math_rm" else "classify"
+            self.llm = start_llm(model_path, engine, cache_dir=cache_dir, pooling_task=task)
         self.tags = metric_tags or {}
         self.scored = _ray_counter(
             "qup_traces_reward_scored", "Traces scored by a reward model", tuple(self.tags)
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from vllm import PoolingParams
+        from vllm import PoolingParams, SamplingParams
+        from vllm.inputs import TokensPrompt
 
-        texts = [str(t) for t in batch["text"]]
+        prompts = [
+            TokensPrompt(prompt_token_ids=[int(t) for t in ids]) for ids in batch["input_ids"]
+        ]
         raw = PoolingParams(use_activation=False)
         if self.kind == "qwen_math_rm":
             outs = self.llm.encode(
-                texts, pooling_task="token_classify", pooling_params=raw, use_tqdm=False
+                prompts, pooling_task="token_classify", pooling_params=raw, use_tqdm=False
             )
             rewards = [float(np.asarray(o.outputs.data).reshape(-1)[-1]) for o in outs]
+        elif self.kind == "lm_token_logit":
+            # Only `token_id` may be sampled; raw_logits mode reports its logit before any
+            # processing (the allowed-token mask included).
+            params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=0,
+                                    allowed_token_ids=[self.token_id])  # fmt: skip
+            outs = self.llm.generate(prompts, params, use_tqdm=False)
+            rewards = [float(o.outputs[0].logprobs[0][self.token_id].logprob) for o in outs]
         else:
-            outs = self.llm.classify(texts, pooling_params=raw, use_tqdm=False)
+            outs = self.llm.classify(prompts, pooling_params=raw, use_tqdm=False)
             rewards = [float(o.outputs.probs[0]) for o in outs]
-        out_batch = {k: list(v) for k, v in batch.items() if k != "text"}
+        out_batch = {k: list(v) for k, v in batch.items() if k != "input_ids"}
         out_batch["reward"] = rewards
         _inc(self.scored, len(rewards), self.tags)
         return out_batch

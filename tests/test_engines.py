@@ -52,3 +52,37 @@ def test_streamed_generation_equals_llm_generate(cpu_world):
 def _rows(chunk: dict) -> list[tuple]:
     keys = ("problem_id", "sample_idx", "response", "finish_reason", "num_tokens")
     return list(zip(*(chunk[k] for k in keys), strict=True))
+
+
+def test_lm_token_logit_reward_is_the_raw_logit_of_the_token(cpu_world, cpu_world_settings):
+    """The Nemotron-HF recipe on a tiny causal LM: vLLM's reward equals transformers' logit of
+    `token_id` at the position after the conversation, as raw logits (not log-probabilities)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qup_ray.cpu_world.reward_models import chat_text
+    from qup_ray.cpu_world.students import heldout_problems
+    from qup_ray.engines import VLLMRewardScorer, shutdown_llm
+
+    cfg = load_config(CONFIGS_DIR / "dryrun.yaml")
+    path = str(cpu_world["tiny-qwen2"])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    texts = [chat_text(tokenizer, p.problem, p.render("native"))
+             for p in heldout_problems(cpu_world_settings, 5, seed=31)]  # fmt: skip
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    token_id = 7
+    scorer = VLLMRewardScorer(path, cfg.students[cfg.anchor_student].engine.model_dump(),
+                              kind="lm_token_logit", token_id=token_id)  # fmt: skip
+    try:
+        out = scorer({"input_ids": ids, "key": list(range(len(ids)))})
+    finally:
+        shutdown_llm(scorer.llm)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = [model(torch.tensor([x])).logits[0, -1, token_id].item() for x in ids]
+    assert out["key"] == list(range(len(ids)))
+    assert max(abs(a - b) for a, b in zip(out["reward"], expected, strict=True)) < 1e-4
+    # Raw logits, not log-softmax values (those would all be <= 0 and differ from these).
+    with torch.no_grad():
+        logprob = torch.log_softmax(model(torch.tensor([ids[0]])).logits[0, -1], -1)[token_id]
+    assert abs(out["reward"][0] - logprob.item()) > 1e-3

@@ -84,10 +84,11 @@ def score_reward(cfg: ExperimentConfig, rm_name: str, traces: list[dict]) -> lis
             {"role": "user", "content": t["problem"]},
             {"role": "assistant", "content": t["trace"]},
         ]
-        rows.append(
-            {"key": t["key"], "text": render_chat(tokenizer, messages, add_generation_prompt=False)}
-        )
-    kwargs = {"model_path": path, "engine": rm.engine.model_dump(), "kind": rm.kind,
+        text = render_chat(tokenizer, messages, add_generation_prompt=False)
+        # The template already holds the special tokens: none added on top (see VLLMRewardScorer).
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        rows.append({"key": t["key"], "input_ids": ids})
+    kwargs = {"model_path": path, "engine": rm.engine.model_dump(), "kind": rm.kind, "token_id": rm.token_id,
               "cache_dir": str(cfg.cpu_world.cache_root()), "metric_tags": {"reward_model": rm_name, "stage": "score"}}  # fmt: skip
     return _pipeline(rows, VLLMRewardScorer, kwargs, rm.engine)
 
