@@ -84,18 +84,19 @@ def start_llm(
     Call it once per process: the process-level settings it makes hold for every later engine."""
     e = engine if isinstance(engine, EngineConfig) else EngineConfig(**engine)
     set_engine_caches(cache_dir)
-    in_process = e.in_process_core if e.in_process_core is not None else e.num_gpus_per_actor == 0
-    threads = max(1, math.floor(e.num_cpus_per_actor))
+    on_cpu = e.num_gpus_per_actor == 0
+    in_process = e.in_process_core if e.in_process_core is not None else on_cpu
+    threads = max(1, math.floor(e.num_cpus_per_actor)) if in_process and on_cpu else None
     if in_process:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        if e.num_gpus_per_actor == 0:
-            # Ray sets this in its workers already; a plain process (a benchmark's baseline)
-            # must compute with the same number of threads.
-            os.environ["OMP_NUM_THREADS"] = str(threads)
+    if threads:
+        # Ray sets this in its workers already; a plain process (a benchmark's baseline) must
+        # compute with the same number of threads.
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
     from vllm import LLM
 
-    if in_process and e.num_gpus_per_actor == 0:
+    if threads:
         torch.set_num_threads(threads)
     kwargs = engine_kwargs(e, dtype=dtype) | (llm_kwargs or {})
     if pooling_task is not None:

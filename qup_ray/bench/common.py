@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from queue import Empty
 from typing import Any
 
@@ -63,18 +63,21 @@ def run_in_subprocess(fn: Callable[..., Any], *args: Any, timeout_s: float = 180
             proc.kill()
 
 
-def pipeline_seconds(batches: list[Any]) -> float:
-    """Seconds from the first engine batch's start to now (the driver holding the last row)."""
-    return time.time() - min(min(b.column("batch_started_at").to_pylist()) for b in batches)
+def pipeline_seconds(batch_starts: Iterable[float]) -> float:
+    """Seconds from the first engine batch's start (the `batch_started_at` values) to now, the
+    driver holding the last row."""
+    return time.time() - min(batch_starts)
 
 
 def alternate_rounds(
     bare: Callable[[], dict], pipeline: Callable[[], dict], rounds: int
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict, dict]:
     """Run the baseline, then the pipeline, `rounds` times over; each returns `tokens` and
     `seconds`. On a shared machine one round can be off by 20% either way, so the medians are
     reported with every round's ratio. Ray is shut down after each pipeline round, so the
-    next baseline runs without an idle cluster beside it."""
+    next baseline runs without an idle cluster beside it.
+
+    Returns the summary and the last round's baseline and pipeline results."""
     import statistics
 
     import ray
@@ -86,7 +89,7 @@ def alternate_rounds(
         ray.shutdown()
         pairs.append((b["tokens"] / b["seconds"], p["tokens"] / p["seconds"], b, p))
         logger.info("round %d/%d: ratio %.3f", i + 1, rounds, pairs[-1][1] / pairs[-1][0])
-    return {
+    summary = {
         "baseline_per_s": round(statistics.median(b for b, *_ in pairs), 1),
         "pipeline_per_s": round(statistics.median(p for _, p, *_ in pairs), 1),
         "ratio": round(statistics.median(p / b for b, p, *_ in pairs), 3),
@@ -94,6 +97,5 @@ def alternate_rounds(
         "baseline_s": [round(b["seconds"], 2) for *_, b, _ in pairs],
         "pipeline_s": [round(p["seconds"], 2) for *_, p in pairs],
         "rounds": rounds,
-        "last_baseline": pairs[-1][2],
-        "last_pipeline": pairs[-1][3],
     }
+    return summary, pairs[-1][2], pairs[-1][3]

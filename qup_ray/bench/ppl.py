@@ -77,24 +77,17 @@ def _transformers_nll(model_path: str, rows: list[dict]) -> list[float]:
 
 
 def _pipeline(cfg: Any, model: Any, path: str, rows: list[dict]) -> dict:
-    import ray
-
     from qup_ray.ray_session import init_ray
+    from qup_ray.stages.score import run_engine_pool
 
     init_ray(cfg.ray)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    ds = ray.data.from_items([dict(r, idx=i) for i, r in enumerate(rows)]).map_batches(
-        with_batch_start(VLLMPromptLogprobs),
-        fn_constructor_kwargs={"model_path": path, "engine": model.engine.model_dump(), "dtype": "float32",
-                               "cache_dir": str(cfg.cpu_world.cache_root())},
-        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=model.engine.num_cpus_per_actor,
-        batch_size=model.engine.batch_size,
-    )  # fmt: skip
-    batches = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
-    scored = sorted((r for b in batches for r in b.to_pylist()), key=lambda r: r["idx"])
+    # The score stage's own actor pool, in float32.
+    kwargs = {"model_path": path, "engine": model.engine.model_dump(), "dtype": "float32",
+              "cache_dir": str(cfg.cpu_world.cache_root())}  # fmt: skip
+    scored = run_engine_pool(rows, with_batch_start(VLLMPromptLogprobs), kwargs, model.engine)
     return {
         "tokens": sum(len(r["input_ids"]) for r in rows),
-        "seconds": pipeline_seconds(batches),
+        "seconds": pipeline_seconds(r["batch_started_at"] for r in scored),
         "mean_nll": [s["mean_nll"] for s in scored],
     }
 
@@ -126,15 +119,13 @@ def run(
         rows.append({"input_ids": ids, "response_start": start})
     engine = model.engine.model_dump()
     cache_dir = str(cfg.cpu_world.cache_root())
-    result = alternate_rounds(
+    result, _, pipe = alternate_rounds(
         lambda: run_in_subprocess(_bare, path, engine, rows, cache_dir),
         lambda: _pipeline(cfg, model, path, rows),
         rounds or (1 if quick else 3),
     )
-    result.pop("last_baseline")
-    pipeline_nll = result.pop("last_pipeline")["mean_nll"]
     reference = _transformers_nll(path, rows[: 32 if quick else 128])
-    max_diff = max(abs(s - ref) for s, ref in zip(pipeline_nll, reference, strict=False))
+    max_diff = max(abs(s - ref) for s, ref in zip(pipe["mean_nll"], reference, strict=False))
     return {
         "bench": "ppl",
         **result,

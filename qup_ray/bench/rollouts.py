@@ -46,19 +46,17 @@ def _bare(
 
 def _pipeline(cfg: Any, student: str, model_path: str, requests: list[dict]) -> dict:
     from qup_ray.ray_session import init_ray
-    from qup_ray.stages.rollouts import aligned_batch_size, rollout_dataset
+    from qup_ray.stages.rollouts import rollout_dataset
 
     init_ray(cfg.ray)
-    # The stage's own pipeline and batch size (aligned to its shard size).
-    batch_size = aligned_batch_size(
-        cfg.students[student].engine.batch_size, cfg.rollouts.shard_size
-    )
+    # The stage's own pipeline, engine batch size included.
     ds = rollout_dataset(
-        cfg, student, model_path, requests, batch_size, generator=with_batch_start(VLLMGenerator)
+        cfg, student, model_path, requests, generator=with_batch_start(VLLMGenerator)
     )
     batches = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    seconds = pipeline_seconds(t for b in batches for t in b.column("batch_started_at").to_pylist())
     tokens = sum(sum(b.column("num_tokens").to_pylist()) for b in batches)
-    return {"tokens": tokens, "seconds": pipeline_seconds(batches), "batch_size": batch_size}
+    return {"tokens": tokens, "seconds": seconds}
 
 
 def run(
@@ -67,7 +65,12 @@ def run(
     """Generated tokens per second of the pipeline and of the bare engine, and their ratio
     (medians over alternating rounds)."""
     from qup_ray.data import load_problems
-    from qup_ray.stages.rollouts import build_prompts, resolve_model, sampling_kwargs
+    from qup_ray.stages.rollouts import (
+        build_prompts,
+        engine_batch_size,
+        resolve_model,
+        sampling_kwargs,
+    )
 
     cfg = load_config(CONFIGS_DIR / "dryrun.yaml", overrides)
     student = cfg.anchor_student
@@ -79,12 +82,11 @@ def run(
     sampling = sampling_kwargs(cfg)
     engine = cfg.students[student].engine.model_dump()
     cache_dir = str(cfg.cpu_world.cache_root())
-    result = alternate_rounds(
+    result, bare, pipe = alternate_rounds(
         lambda: run_in_subprocess(_bare, model_path, engine, sampling, requests, cache_dir),
         lambda: _pipeline(cfg, student, model_path, requests),
         rounds or (1 if quick else 3),
     )
-    bare, pipe = result.pop("last_baseline"), result.pop("last_pipeline")
     return {
         "bench": "rollouts",
         **result,
@@ -94,5 +96,5 @@ def run(
         "pipeline_tokens": pipe["tokens"],
         "baseline_tokens": bare["tokens"],
         "actors": cfg.students[student].engine.num_actors,
-        "engine_batch_prompts": pipe["batch_size"],
+        "engine_batch_prompts": engine_batch_size(cfg, student),
     }

@@ -82,8 +82,13 @@ def sampling_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
             "max_tokens": r.max_new_tokens}  # fmt: skip
 
 
+def engine_batch_size(cfg: ExperimentConfig, student: str) -> int:
+    """Prompts per engine call: the student's batch size, aligned to the shard size."""
+    return aligned_batch_size(cfg.students[student].engine.batch_size, cfg.rollouts.shard_size)
+
+
 def rollout_dataset(cfg: ExperimentConfig, student: str, model_path: str, rows: list[dict],
-                    batch_size: int, generator: type = VLLMGenerator) -> Any:  # fmt: skip
+                    generator: type = VLLMGenerator) -> Any:  # fmt: skip
     """The Ray Data pipeline of the stage: vLLM actors generate, a grader actor checks every
     sample as chunks of finished requests arrive. `rows` carry `prompt`, `seed`, `answer` and
     any columns to pass through. (`qup bench rollouts` times this same pipeline.)"""
@@ -101,7 +106,7 @@ def rollout_dataset(cfg: ExperimentConfig, student: str, model_path: str, rows: 
         },
         compute=ray.data.ActorPoolStrategy(size=e.num_actors),
         num_gpus=e.num_gpus_per_actor, num_cpus=e.num_cpus_per_actor,
-        batch_size=batch_size,
+        batch_size=engine_batch_size(cfg, student),
     ).map_batches(
         Grader,
         fn_constructor_kwargs={"timeout_s": cfg.grading.timeout_s, "lenient": cfg.grading.lenient,
@@ -123,8 +128,7 @@ def generate(cfg: ExperimentConfig, student: str, model_path: str, requests: lis
     if not pending:
         return
     expected = Counter(q["shard"] for q in pending)
-    gen_batch = aligned_batch_size(cfg.students[student].engine.batch_size, r.shard_size)
-    ds = rollout_dataset(cfg, student, model_path, pending, gen_batch)
+    ds = rollout_dataset(cfg, student, model_path, pending)
     # Chunks arrive in completion order; shards are written in request order.
     position = {q["problem_id"]: i for i, q in enumerate(pending)}
     buffers: dict[int, list[dict]] = defaultdict(list)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from qup_ray.config import ExperimentConfig
+from qup_ray.config import EngineConfig, ExperimentConfig
 from qup_ray.engines import VLLMPromptLogprobs, VLLMRewardScorer
 from qup_ray.ppl import encode_example
 from qup_ray.prompts import chat_messages, load_prompt, render_chat
@@ -35,8 +35,11 @@ logger = logging.getLogger(__name__)
 PPL_FIELDS = ("mean_nll", "ppl", *(f"q{q}_{m}" for q in range(1, 5) for m in ("mean_nll", "ppl")))
 
 
-def _pipeline(rows: list[dict], actor: type, kwargs: dict, engine) -> list[dict]:
-    """Run rows through one engine actor pool, results in input order."""
+def run_engine_pool(
+    rows: list[dict], actor: type, kwargs: dict, engine: EngineConfig
+) -> list[dict]:
+    """Run rows through one engine actor pool, results in input order. (`qup bench ppl` times
+    this same pipeline.)"""
     import ray
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
@@ -66,7 +69,7 @@ def score_ppl(cfg: ExperimentConfig, student: str, traces: list[dict]) -> list[d
     dtype = None if cfg.scoring.ppl_dtype == "auto" else cfg.scoring.ppl_dtype
     kwargs = {"model_path": path, "engine": model.engine.model_dump(), "dtype": dtype,
               "cache_dir": str(cfg.cpu_world.cache_root()), "metric_tags": {"student": student, "stage": "score"}}  # fmt: skip
-    return _pipeline(rows, VLLMPromptLogprobs, kwargs, model.engine)
+    return run_engine_pool(rows, VLLMPromptLogprobs, kwargs, model.engine)
 
 
 def score_reward(cfg: ExperimentConfig, rm_name: str, traces: list[dict]) -> list[dict]:
@@ -90,7 +93,7 @@ def score_reward(cfg: ExperimentConfig, rm_name: str, traces: list[dict]) -> lis
         rows.append({"key": t["key"], "input_ids": ids})
     kwargs = {"model_path": path, "engine": rm.engine.model_dump(), "kind": rm.kind, "token_id": rm.token_id,
               "cache_dir": str(cfg.cpu_world.cache_root()), "metric_tags": {"reward_model": rm_name, "stage": "score"}}  # fmt: skip
-    return _pipeline(rows, VLLMRewardScorer, kwargs, rm.engine)
+    return run_engine_pool(rows, VLLMRewardScorer, kwargs, rm.engine)
 
 
 def score_style(cfg: ExperimentConfig, student: str, traces: list[dict]) -> list[dict]:
