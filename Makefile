@@ -11,8 +11,9 @@ EXTRAS ?= cpu,dev
 comma := ,
 PYPROJECT_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
 STAMP := $(VENV)/.installed-$(PYPROJECT_HASH)-$(subst $(comma),_,$(EXTRAS))
-# SLURM + accounting for the local test cluster, g++ for DeepSpeed's CPU ops.
-DEB_PACKAGES := slurmctld slurmd slurm-client munge slurmdbd mariadb-server g++ procps
+# SLURM + accounting for the local test cluster, g++ for DeepSpeed's CPU ops, chromium for
+# the test that renders the report in a headless browser.
+DEB_PACKAGES := slurmctld slurmd slurm-client munge slurmdbd mariadb-server g++ procps chromium
 PYTEST_ARGS ?=
 
 .PHONY: install system-deps test lint format dryrun clean
