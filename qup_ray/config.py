@@ -53,8 +53,14 @@ class EngineConfig(StrictModel):
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights/activation dtype. Use float32 on CPU when numbers must match transformers exactly."""
-    max_model_len: int = Field(4608, gt=0)
-    """Longest prompt + generation, in tokens."""
+    max_model_len: int | None = Field(None, gt=0)
+    """Longest prompt + generation, in tokens. Unset: the checkpoint's context
+    (`max_position_embeddings`). A value above the checkpoint's context is a config error unless
+    `allow_long_context` is set. Inputs longer than the limit go to the stage's rejected table;
+    a generation whose prompt + `max_new_tokens` would exceed it is shortened and counted."""
+    allow_long_context: bool = False
+    """Accept a `max_model_len` above the checkpoint's context (RoPE scaling set up by you; vLLM
+    also needs `VLLM_ALLOW_LONG_MAX_MODEL_LEN=1`)."""
     kv_cache_memory_bytes: int | None = Field(None, gt=0)
     """Explicit KV-cache size. Needed on CPU and on shared machines (e.g. 268435456)."""
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
@@ -606,7 +612,9 @@ def validate_data(
     except ValidationError as e:
         problems += _format_validation_error(e)
     if model is ExperimentConfig:
-        problems += _cross_checks(data)
+        from qup_ray.models import context_problems
+
+        problems += _cross_checks(data) + context_problems(data)
     if problems or cfg is None:
         raise ConfigError(problems, source=source)
     return cfg

@@ -30,11 +30,12 @@ def engine_kwargs(engine: EngineConfig | dict, *, dtype: str | None = None) -> d
     e = engine if isinstance(engine, EngineConfig) else EngineConfig(**engine)
     kwargs: dict[str, Any] = {
         "dtype": dtype or e.dtype,
-        "max_model_len": e.max_model_len,
         "tensor_parallel_size": e.tensor_parallel_size,
         "enforce_eager": e.enforce_eager,
         "disable_log_stats": True,
     }
+    if e.max_model_len is not None:  # unset: vLLM takes the checkpoint's context
+        kwargs["max_model_len"] = e.max_model_len
     if e.kv_cache_memory_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = e.kv_cache_memory_bytes
     else:
@@ -149,8 +150,13 @@ def _inc(counter: Any, value: float, tags: dict[str, str]) -> None:
 class VLLMGenerator:
     """Samples `n` completions per prompt; each input row becomes `n` output rows.
 
-    Input columns: `prompt` (the rendered chat), `seed` (per-request), plus any columns to pass
-    through. Output adds: sample_idx, response, finish_reason, num_tokens. `prompt` is dropped.
+    Input columns: `prompt_ids` (token ids from `qup_ray.encoding`, never text: vLLM would
+    tokenize text again and add a second BOS), `seed` (per-request), optionally `max_tokens`
+    (per-request generation limit, already fitted to the engine's context), plus any columns to
+    pass through. Output adds: sample_idx, response (without the stop token), finish_reason
+    (`stop` at a stop token, `length` at the limit), num_tokens. `prompt_ids` and `max_tokens`
+    are dropped. `record_token_ids` adds the prompt ids the engine received and each sample's
+    generated ids (`engine_prompt_ids`, `token_ids`).
 
     All prompts of a batch go to the engine together (as `LLM.generate` does), but finished
     requests are yielded in chunks of about `emit_every` prompts while the rest still decode, so
@@ -166,8 +172,10 @@ class VLLMGenerator:
         cache_dir: str | None = None,
         metric_tags: dict[str, str] | None = None,
         emit_every: int = 16,
+        record_token_ids: bool = False,
     ) -> None:
         self.llm = start_llm(model_path, engine, cache_dir=cache_dir)
+        self.record_token_ids = record_token_ids
         self.sampling = dict(sampling)
         self.emit_every = emit_every
         self.calls = 0
@@ -177,16 +185,22 @@ class VLLMGenerator:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, list]]:
         from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
         engine = self.llm.llm_engine
         self.calls += 1
         prefix = f"b{self.calls}-"
-        for i, (prompt, seed) in enumerate(zip(batch["prompt"], batch["seed"], strict=True)):
+        limits = batch.get("max_tokens")
+        for i, (ids, seed) in enumerate(zip(batch["prompt_ids"], batch["seed"], strict=True)):
+            sampling = dict(self.sampling)
+            if limits is not None:
+                sampling["max_tokens"] = int(limits[i])
             params = SamplingParams(
-                **self.sampling, seed=int(seed), output_kind=RequestOutputKind.FINAL_ONLY
+                **sampling, seed=int(seed), output_kind=RequestOutputKind.FINAL_ONLY
             )
-            engine.add_request(f"{prefix}{i}", str(prompt), params)
+            prompt = TokensPrompt(prompt_token_ids=[int(t) for t in ids])
+            engine.add_request(f"{prefix}{i}", prompt, params)
         finished: list[Any] = []
         while engine.has_unfinished_requests():
             finished += [out for out in engine.step() if out.finished]
@@ -197,10 +211,11 @@ class VLLMGenerator:
             yield self._rows(batch, finished, prefix)
 
     def _rows(self, batch: dict[str, np.ndarray], outputs: list[Any], prefix: str) -> dict:
-        passthrough = [k for k in batch if k != "prompt"]
-        out: dict[str, list] = {
-            k: [] for k in [*passthrough, "sample_idx", "response", "finish_reason", "num_tokens"]
-        }
+        passthrough = [k for k in batch if k not in ("prompt_ids", "max_tokens")]
+        columns = [*passthrough, "sample_idx", "response", "finish_reason", "num_tokens"]
+        if self.record_token_ids:
+            columns += ["engine_prompt_ids", "token_ids"]
+        out: dict[str, list] = {k: [] for k in columns}
         for request in outputs:
             i = int(request.request_id.removeprefix(prefix))
             for completion in sorted(request.outputs, key=lambda c: c.index):
@@ -210,9 +225,40 @@ class VLLMGenerator:
                 out["response"].append(completion.text)
                 out["finish_reason"].append(str(completion.finish_reason))
                 out["num_tokens"].append(len(completion.token_ids))
+                if self.record_token_ids:  # what the engine really got and gave (tests, audits)
+                    out["engine_prompt_ids"].append(list(request.prompt_token_ids))
+                    out["token_ids"].append(list(completion.token_ids))
         _inc(self.samples, len(out["response"]), self.tags)
         _inc(self.tokens, sum(out["num_tokens"]), self.tags)
         return out
+
+
+def generate_and_grade(
+    rows: list[dict], model_path: str, engine: EngineConfig, *, sampling: dict[str, Any],
+    grading: Any, batch_size: int, cache_dir: str | None, tags: dict[str, str],
+    generator: type | None = None,
+) -> Any:  # fmt: skip
+    """The Ray Data pipeline shared by rollouts and evaluation: vLLM actors generate (one model
+    copy per actor), a grader actor checks every sample as chunks of finished requests arrive.
+    `rows` carry `prompt_ids`, `seed`, `answer`, optionally `max_tokens`, and any columns to pass
+    through; `grading` is the config's GradingConfig. Returns the (lazy) dataset."""
+    import ray
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    return ray.data.from_items(rows).map_batches(
+        generator or VLLMGenerator,
+        fn_constructor_kwargs={"model_path": model_path, "engine": engine.model_dump(),
+                               "metric_tags": tags, "cache_dir": cache_dir, "sampling": sampling},
+        compute=ray.data.ActorPoolStrategy(size=engine.num_actors),
+        num_gpus=engine.num_gpus_per_actor, num_cpus=engine.num_cpus_per_actor,
+        batch_size=batch_size,
+    ).map_batches(
+        Grader,
+        fn_constructor_kwargs={"timeout_s": grading.timeout_s, "lenient": grading.lenient,
+                               "metric_tags": tags},
+        # One grader call per chunk the generator yields: grading keeps pace with generation.
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5, batch_size=None,
+    )  # fmt: skip
 
 
 class Grader:
@@ -258,7 +304,7 @@ class Grader:
 class VLLMPromptLogprobs:
     """Per-trace NLL/PPL (overall and per quarter) from vLLM prompt log-probabilities.
 
-    Input columns: `input_ids` (prompt + response tokens, from `ppl.encode_example`),
+    Input columns: `input_ids` (prompt + response tokens, from `encoding.ChatFormat.example`),
     `response_start`, plus pass-through columns. Output adds the fields of `ppl.response_nll`;
     `input_ids` is dropped. One forward pass per trace (`max_tokens=1, prompt_logprobs=0`)."""
 

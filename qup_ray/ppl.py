@@ -2,34 +2,18 @@
 
 Written once and shared: the score stage (vLLM prompt log-probabilities), the benchmark and the
 tests (a transformers float32 forward pass) all reduce token log-probabilities with
-`response_nll`, and all build the token sequence with `encode_example`, the same chat formatting
-the training stage uses.
+`response_nll`, over the token sequence `qup_ray.encoding.ChatFormat.example` builds, the same
+sequence the training stage learns.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
 NUM_QUARTERS = 4
-
-
-def encode_example(tokenizer: Any, prompt_text: str, response: str) -> tuple[list[int], int]:
-    """Token ids of prompt + response + end-of-turn, and where the response starts.
-
-    The prompt (chat up to the assistant turn) and the response are tokenized separately, so
-    the response's tokens do not depend on how a tokenizer would merge across the boundary;
-    training uses exactly this sequence, with the loss on the response tokens only. The
-    end-of-turn token is part of the response: it is what teaches a student to stop.
-    """
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        response_ids = [*response_ids, tokenizer.eos_token_id]
-    return [*prompt_ids, *response_ids], len(prompt_ids)
 
 
 def quarter_bounds(num_tokens: int) -> list[tuple[int, int]]:

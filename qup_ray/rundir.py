@@ -52,6 +52,22 @@ TRACKED_PACKAGES = (
 )  # fmt: skip
 
 
+# Rows a stage could not process, kept with the reason (nothing is dropped silently): e.g. an input
+# longer than its engine's context. `table` names what the row was for (ppl, reward-<rm>, ...).
+REJECTED_SCHEMA = pa.schema(
+    [("problem_id", pa.string()), ("table", pa.string()), ("reason", pa.string()),
+     ("num_tokens", pa.int64()), ("limit", pa.int64())]
+)  # fmt: skip
+
+
+def rejected_row(
+    problem_id: str, reason: str, num_tokens: int, limit: int, table: str = ""
+) -> dict[str, Any]:
+    """One row of a stage's `rejected` table."""
+    return {"problem_id": problem_id, "table": table, "reason": reason,
+            "num_tokens": num_tokens, "limit": limit}  # fmt: skip
+
+
 class StageError(Exception):
     """A user-facing problem with a stage (e.g. its inputs are not there yet): no traceback."""
 

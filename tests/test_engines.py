@@ -12,18 +12,21 @@ pytestmark = pytest.mark.slow
 
 def test_streamed_generation_equals_llm_generate(cpu_world):
     from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
 
     from qup_ray.data import load_problems
     from qup_ray.engines import VLLMGenerator, shutdown_llm
-    from qup_ray.stages.rollouts import build_prompts, resolve_model
+    from qup_ray.models import resolve_model
+    from qup_ray.stages.rollouts import build_prompts
 
     cfg = load_config(CONFIGS_DIR / "dryrun.yaml", ["rollouts.num_samples_per_problem=3"])
     student = cfg.anchor_student
     path = resolve_model(cfg.students[student].path, cfg)
     problems, _ = load_problems(DatasetSource(kind="synthetic", num_synthetic=12, seed=5))
-    requests = build_prompts(cfg, student, path, problems)
+    requests, rejected = build_prompts(cfg, student, path, problems)
+    assert not rejected
     sampling = {"n": 3, "temperature": 1.0, "top_p": 1.0, "max_tokens": 96}
-    batch = {k: [r[k] for r in requests] for k in ("prompt", "seed", "problem_id")}
+    batch = {k: [r[k] for r in requests] for k in ("prompt_ids", "seed", "problem_id")}
     generator = VLLMGenerator(path, cfg.students[student].engine.model_dump(), sampling,
                               cache_dir=str(cfg.cpu_world.cache_root()), emit_every=4)  # fmt: skip
     try:
@@ -31,7 +34,7 @@ def test_streamed_generation_equals_llm_generate(cpu_world):
         # Two calls on one actor: request ids must not collide.
         again = [r for chunk in generator(batch) for r in _rows(chunk)]
         reference = generator.llm.generate(
-            batch["prompt"],
+            [TokensPrompt(prompt_token_ids=ids) for ids in batch["prompt_ids"]],
             [SamplingParams(**sampling, seed=int(s)) for s in batch["seed"]],
             use_tqdm=False,
         )

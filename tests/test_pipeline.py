@@ -220,8 +220,9 @@ def test_ppl_matches_a_transformers_float32_forward(dryrun_dir: Path, cfg, cpu_w
                 render_chat(tokenizer, chat_messages(template, problem=t["problem"])),
                 add_special_tokens=False,
             )["input_ids"]
+            # The Qwen layout closes an assistant turn with <|im_end|> (its EOS is another token).
             response_ids = tokenizer(t["trace"], add_special_tokens=False)["input_ids"] + [
-                tokenizer.eos_token_id
+                tokenizer.convert_tokens_to_ids("<|im_end|>")
             ]
             ids = torch.tensor([prompt_ids + response_ids])
             with torch.no_grad():

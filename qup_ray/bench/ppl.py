@@ -98,24 +98,16 @@ def run(
     """Prompt tokens per second of the pipeline and of the bare engine, their ratio (medians
     over alternating rounds), and the largest |mean NLL difference| against transformers
     float32."""
-    from transformers import AutoTokenizer
-
-    from qup_ray.ppl import encode_example
-    from qup_ray.prompts import chat_messages, load_prompt, render_chat
-    from qup_ray.stages.rollouts import resolve_model
+    from qup_ray.encoding import ChatFormat
+    from qup_ray.models import resolve_model
 
     cfg = load_config(CONFIGS_DIR / "dryrun.yaml", overrides)
     model = cfg.students[cfg.anchor_student]
     path = resolve_model(model.path, cfg)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    template = load_prompt(model.prompt)
+    fmt = ChatFormat.for_model(path, model.prompt)
     rows = []
     for t in _traces(64 if quick else 512):
-        ids, start = encode_example(
-            tokenizer,
-            render_chat(tokenizer, chat_messages(template, problem=t["problem"])),
-            t["trace"],
-        )
+        ids, start = fmt.example(t["problem"], t["trace"])
         rows.append({"input_ids": ids, "response_start": start})
     engine = model.engine.model_dump()
     cache_dir = str(cfg.cpu_world.cache_root())

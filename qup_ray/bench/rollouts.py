@@ -35,9 +35,13 @@ def _bare(
     llm = start_llm(model_path, engine, cache_dir=cache_dir)
     from vllm import SamplingParams
 
-    params = [SamplingParams(**sampling, seed=r["seed"]) for r in requests]
+    params = [SamplingParams(**(sampling | {"max_tokens": r["max_tokens"]}), seed=r["seed"])
+              for r in requests]  # fmt: skip
     t0 = time.perf_counter()
-    outputs = llm.generate([r["prompt"] for r in requests], params, use_tqdm=False)
+    from vllm.inputs import TokensPrompt
+
+    prompts = [TokensPrompt(prompt_token_ids=r["prompt_ids"]) for r in requests]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
     shutdown_llm(llm)  # else its engine process outlives this one
     tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
@@ -65,12 +69,9 @@ def run(
     """Generated tokens per second of the pipeline and of the bare engine, and their ratio
     (medians over alternating rounds)."""
     from qup_ray.data import load_problems
-    from qup_ray.stages.rollouts import (
-        build_prompts,
-        engine_batch_size,
-        resolve_model,
-        sampling_kwargs,
-    )
+    from qup_ray.encoding import ChatFormat
+    from qup_ray.models import resolve_model
+    from qup_ray.stages.rollouts import build_prompts, engine_batch_size, sampling_kwargs
 
     cfg = load_config(CONFIGS_DIR / "dryrun.yaml", overrides)
     student = cfg.anchor_student
@@ -78,8 +79,9 @@ def run(
     problems, _ = load_problems(
         DatasetSource(kind="synthetic", num_synthetic=48 if quick else 192, seed=77)
     )
-    requests = build_prompts(cfg, student, model_path, problems)
-    sampling = sampling_kwargs(cfg)
+    requests, _ = build_prompts(cfg, student, model_path, problems)
+    fmt = ChatFormat.for_model(model_path, cfg.students[student].prompt)
+    sampling = sampling_kwargs(cfg, list(fmt.stop_token_ids))
     engine = cfg.students[student].engine.model_dump()
     cache_dir = str(cfg.cpu_world.cache_root())
     result, bare, pipe = alternate_rounds(

@@ -32,14 +32,23 @@ def is_built(stage: str) -> bool:
     return importlib.util.find_spec(module_name(stage)) is not None
 
 
-def run_stage(stage: str, cfg: ExperimentConfig, *, force: bool = False) -> Path:
-    """Run one stage on `cfg`; skipped inside the stage when its manifest is up to date."""
+def run_stage(
+    stage: str, cfg: ExperimentConfig, *, force: bool = False, cells: list[str] | None = None
+) -> Path:
+    """Run one stage on `cfg`; skipped inside the stage when its manifest is up to date.
+
+    `cells` ("student/stream/objective" ids) restricts the train and eval stages to those cells,
+    which is how the SLURM grid runs one job per cell; other stages take no cells."""
     if stage not in STAGE_ORDER:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_ORDER)}")
     if not is_built(stage):
         raise StageNotBuilt(f"stage {stage!r} is not built yet in this version of qup_ray")
     module = importlib.import_module(module_name(stage))
     logger.info("stage %s: starting", stage)
-    out = module.run(cfg, force=force)
+    out = (
+        module.run(cfg, force=force, cells=cells)
+        if cells is not None
+        else module.run(cfg, force=force)
+    )
     logger.info("stage %s: outputs in %s", stage, out)
     return out

@@ -24,10 +24,20 @@ from typing import Any
 import pyarrow as pa
 
 from qup_ray.config import ExperimentConfig
-from qup_ray.engines import Grader, VLLMGenerator, request_seed
-from qup_ray.prompts import chat_messages, load_prompt, render_chat
+from qup_ray.encoding import ChatFormat, fit_generation
+from qup_ray.engines import VLLMGenerator, generate_and_grade, request_seed
+from qup_ray.models import engine_max_len, resolve_model
+from qup_ray.prompts import load_prompt
 from qup_ray.rft import select_rft
-from qup_ray.rundir import RunDir, Stage, StageError, read_parquet, stable_hash
+from qup_ray.rundir import (
+    REJECTED_SCHEMA,
+    RunDir,
+    Stage,
+    StageError,
+    read_parquet,
+    rejected_row,
+    stable_hash,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,29 +54,28 @@ STREAM_SCHEMA = pa.schema(
 )  # fmt: skip
 
 
-def resolve_model(path: str, cfg: ExperimentConfig) -> str:
-    """A local directory for `cpu-world:` refs (built on first use), else the path/hub id."""
-    if path.startswith("cpu-world:"):
-        from qup_ray.cpu_world import resolve_model_ref
-
-        return resolve_model_ref(path, cfg.cpu_world)
-    return path
-
-
 def build_prompts(
     cfg: ExperimentConfig, student: str, model_path: str, problems: list[dict]
-) -> list[dict]:
-    """One generation request per problem: the rendered chat and a per-request seed."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    template = load_prompt(cfg.students[student].prompt)
-    return [
-        {"problem_id": p["problem_id"], "answer": p["answer"],
-         "prompt": render_chat(tokenizer, chat_messages(template, problem=p["problem"])),
-         "seed": request_seed(cfg.rollouts.seed, student, p["problem_id"])}
-        for p in problems
-    ]  # fmt: skip
+) -> tuple[list[dict], list[dict]]:
+    """Generation requests (token ids from the one encoding, a per-request seed and a generation
+    limit fitted to the engine's context) and the rejected rows: problems whose prompt alone
+    fills the engine's context."""
+    model = cfg.students[student]
+    fmt = ChatFormat.for_model(model_path, model.prompt)
+    limit = engine_max_len(model.engine, model_path)
+    requests, rejected = [], []
+    for p in problems:
+        ids = fmt.prompt_ids(p["problem"])
+        max_tokens = fit_generation(len(ids), cfg.rollouts.max_new_tokens, limit)
+        if max_tokens is None:
+            rejected.append(rejected_row(p["problem_id"], "prompt_over_context", len(ids), limit))
+            continue
+        requests.append(
+            {"problem_id": p["problem_id"], "answer": p["answer"], "prompt_ids": ids,
+             "max_tokens": max_tokens,
+             "seed": request_seed(cfg.rollouts.seed, student, p["problem_id"])}
+        )  # fmt: skip
+    return requests, rejected
 
 
 def aligned_batch_size(batch_size: int, shard_size: int) -> int:
@@ -75,11 +84,12 @@ def aligned_batch_size(batch_size: int, shard_size: int) -> int:
     return max(d for d in range(1, min(batch_size, shard_size) + 1) if shard_size % d == 0)
 
 
-def sampling_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
-    """`vllm.SamplingParams` keyword arguments of the rollouts (the seed is per request)."""
+def sampling_kwargs(cfg: ExperimentConfig, stop_token_ids: list[int]) -> dict[str, Any]:
+    """`vllm.SamplingParams` keyword arguments of the rollouts (the seed is per request; the
+    stop tokens are the student's turn end and EOS, so no sample runs into an invented turn)."""
     r = cfg.rollouts
     return {"n": r.num_samples_per_problem, "temperature": r.temperature, "top_p": r.top_p,
-            "max_tokens": r.max_new_tokens}  # fmt: skip
+            "max_tokens": r.max_new_tokens, "stop_token_ids": stop_token_ids}  # fmt: skip
 
 
 def engine_batch_size(cfg: ExperimentConfig, student: str) -> int:
@@ -89,30 +99,14 @@ def engine_batch_size(cfg: ExperimentConfig, student: str) -> int:
 
 def rollout_dataset(cfg: ExperimentConfig, student: str, model_path: str, rows: list[dict],
                     generator: type = VLLMGenerator) -> Any:  # fmt: skip
-    """The Ray Data pipeline of the stage: vLLM actors generate, a grader actor checks every
-    sample as chunks of finished requests arrive. `rows` carry `prompt`, `seed`, `answer` and
-    any columns to pass through. (`qup bench rollouts` times this same pipeline.)"""
-    import ray
-
-    e = cfg.students[student].engine
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    tags = {"student": student, "stage": "rollouts"}
-    return ray.data.from_items(rows).map_batches(
-        generator,
-        fn_constructor_kwargs={
-            "model_path": model_path, "engine": e.model_dump(), "metric_tags": tags,
-            "cache_dir": str(cfg.cpu_world.cache_root()),
-            "sampling": sampling_kwargs(cfg),
-        },
-        compute=ray.data.ActorPoolStrategy(size=e.num_actors),
-        num_gpus=e.num_gpus_per_actor, num_cpus=e.num_cpus_per_actor,
-        batch_size=engine_batch_size(cfg, student),
-    ).map_batches(
-        Grader,
-        fn_constructor_kwargs={"timeout_s": cfg.grading.timeout_s, "lenient": cfg.grading.lenient,
-                               "metric_tags": tags},
-        # One grader call per chunk the generator yields: grading keeps pace with generation.
-        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5, batch_size=None,
+    """The Ray Data pipeline of the stage (`engines.generate_and_grade` with the student's
+    engine, sampling and batch size). `qup bench rollouts` times this same pipeline."""
+    fmt = ChatFormat.for_model(model_path, cfg.students[student].prompt)
+    return generate_and_grade(
+        rows, model_path, cfg.students[student].engine,
+        sampling=sampling_kwargs(cfg, list(fmt.stop_token_ids)), grading=cfg.grading,
+        batch_size=engine_batch_size(cfg, student), cache_dir=str(cfg.cpu_world.cache_root()),
+        tags={"student": student, "stage": "rollouts"}, generator=generator,
     )  # fmt: skip
 
 
@@ -169,7 +163,8 @@ def run_student(
     with stage.running():
         t0 = time.time()
         model_path = resolve_model(model.path, cfg)
-        requests = build_prompts(cfg, student, model_path, problems)
+        requests, rejected = build_prompts(cfg, student, model_path, problems)
+        stage.write_table("rejected", pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA))
         num_shards = math.ceil(len(requests) / cfg.rollouts.shard_size)
         done = stage.plan_shards(num_shards)
         generate(cfg, student, model_path, requests, stage, done)
@@ -179,10 +174,14 @@ def run_student(
         statuses = Counter(r["status"] for r in rows)
         per_problem = Counter(r["problem_id"] for r in rows if r["correct"])
         stage.finish(
-            row_counts={"rollouts": len(rows), "problems": len(requests)},
+            row_counts={"rollouts": len(rows), "problems": len(requests),
+                        "rejected": len(rejected)},
             student=student, model_path=model.path,
             prompt={"file": model.prompt, "template": load_prompt(model.prompt),
-                    "example_rendered": requests[0]["prompt"] if requests else None},
+                    "example_rendered": prompt_text(model_path, model.prompt, problems),
+                    "example_ids": requests[0]["prompt_ids"] if requests else None},
+            num_generation_shortened=sum(
+                1 for q in requests if q["max_tokens"] < cfg.rollouts.max_new_tokens),
             statuses=dict(statuses),
             num_correct=sum(1 for r in rows if r["correct"]),
             num_truncated=sum(1 for r in rows if r["finish_reason"] == "length"),
@@ -192,6 +191,15 @@ def run_student(
             tokens_per_s=round(sum(r["num_tokens"] for r in rows) / max(time.time() - t0, 1e-9), 2),
         )  # fmt: skip
     return stage.dir
+
+
+def prompt_text(model_path: str, prompt: str, problems: list[dict]) -> str | None:
+    """The first problem's rendered chat, as the manifest shows it to a reader."""
+    return (
+        ChatFormat.for_model(model_path, prompt).prompt_text(problems[0]["problem"])
+        if problems
+        else None
+    )
 
 
 def pass_histogram(num_correct: Counter, problem_ids: list[str], n: int) -> dict[str, int]:

@@ -22,11 +22,19 @@ from pathlib import Path
 import pyarrow as pa
 
 from qup_ray.config import EngineConfig, ExperimentConfig
+from qup_ray.encoding import ChatFormat
 from qup_ray.engines import VLLMPromptLogprobs, VLLMRewardScorer
-from qup_ray.ppl import encode_example
-from qup_ray.prompts import chat_messages, load_prompt, render_chat
-from qup_ray.rundir import RunDir, Stage, StageError, read_parquet, write_json
-from qup_ray.stages.rollouts import resolve_model
+from qup_ray.models import engine_max_len, resolve_model
+from qup_ray.prompts import load_prompt, render_chat
+from qup_ray.rundir import (
+    REJECTED_SCHEMA,
+    RunDir,
+    Stage,
+    StageError,
+    read_parquet,
+    rejected_row,
+    write_json,
+)
 from qup_ray.stats import summarize
 from qup_ray.style import style_stats
 
@@ -53,33 +61,42 @@ def run_engine_pool(
     return out
 
 
-def score_ppl(cfg: ExperimentConfig, student: str, traces: list[dict]) -> list[dict]:
-    """PPL rows (problem_id, stream, num_tokens, mean_nll, ppl, q1..q4) under `student`."""
-    from transformers import AutoTokenizer
-
+def score_ppl(
+    cfg: ExperimentConfig, student: str, traces: list[dict], rejected: list[dict]
+) -> list[dict]:
+    """PPL rows (key, num_tokens, mean_nll, ppl, q1..q4) under `student`: each trace encoded
+    exactly as training encodes it (`ChatFormat.example`). Sequences longer than the engine's
+    limit go to `rejected` instead of the engine."""
     model = cfg.students[student]
     path = resolve_model(model.path, cfg)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    template = load_prompt(model.prompt)
+    fmt = ChatFormat.for_model(path, model.prompt)
+    limit = engine_max_len(model.engine, path)
     rows = []
     for t in traces:
-        prompt_text = render_chat(tokenizer, chat_messages(template, problem=t["problem"]))
-        ids, start = encode_example(tokenizer, prompt_text, t["trace"])
+        ids, start = fmt.example(t["problem"], t["trace"])
+        if len(ids) > limit:
+            rejected.append({"key": t["key"], **rejected_row(
+                t["problem_id"], "sequence_over_context", len(ids), limit, "ppl")})  # fmt: skip
+            continue
         rows.append({"key": t["key"], "input_ids": ids, "response_start": start})
     dtype = None if cfg.scoring.ppl_dtype == "auto" else cfg.scoring.ppl_dtype
     kwargs = {"model_path": path, "engine": model.engine.model_dump(), "dtype": dtype,
               "cache_dir": str(cfg.cpu_world.cache_root()), "metric_tags": {"student": student, "stage": "score"}}  # fmt: skip
-    return run_engine_pool(rows, VLLMPromptLogprobs, kwargs, model.engine)
+    return run_engine_pool(rows, VLLMPromptLogprobs, kwargs, model.engine) if rows else []
 
 
-def score_reward(cfg: ExperimentConfig, rm_name: str, traces: list[dict]) -> list[dict]:
-    """Reward rows (key, reward) of one reward model over all traces."""
+def score_reward(
+    cfg: ExperimentConfig, rm_name: str, traces: list[dict], rejected: list[dict]
+) -> list[dict]:
+    """Reward rows (key, reward) of one reward model over all traces; conversations longer than
+    the reward model's limit go to `rejected`."""
     from transformers import AutoTokenizer
 
     rm = cfg.reward_models[rm_name]
     path = resolve_model(rm.path, cfg)
     tokenizer = AutoTokenizer.from_pretrained(path)
     system = load_prompt(rm.prompt)["system"] if rm.prompt else None
+    limit = engine_max_len(rm.engine, path)
     rows = []
     for t in traces:
         messages = [{"role": "system", "content": system}] if system else []
@@ -90,10 +107,14 @@ def score_reward(cfg: ExperimentConfig, rm_name: str, traces: list[dict]) -> lis
         text = render_chat(tokenizer, messages, add_generation_prompt=False)
         # The template already holds the special tokens: none added on top (see VLLMRewardScorer).
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > limit:
+            rejected.append({"key": t["key"], **rejected_row(
+                t["problem_id"], "sequence_over_context", len(ids), limit, f"reward-{rm_name}")})  # fmt: skip
+            continue
         rows.append({"key": t["key"], "input_ids": ids})
     kwargs = {"model_path": path, "engine": rm.engine.model_dump(), "kind": rm.kind, "token_id": rm.token_id,
               "cache_dir": str(cfg.cpu_world.cache_root()), "metric_tags": {"reward_model": rm_name, "stage": "score"}}  # fmt: skip
-    return run_engine_pool(rows, VLLMRewardScorer, kwargs, rm.engine)
+    return run_engine_pool(rows, VLLMRewardScorer, kwargs, rm.engine) if rows else []
 
 
 def score_style(cfg: ExperimentConfig, student: str, traces: list[dict]) -> list[dict]:
@@ -145,26 +166,37 @@ def run(cfg: ExperimentConfig, *, force: bool = False) -> Path:
     all_traces = [t for ts in traces.values() for t in ts]
 
     results: dict[str, dict[str, dict]] = defaultdict(dict)  # key -> table name -> row
+    rejected: list[dict] = []  # rows with their key, over an engine's limit
     for student, ts in traces.items():
         logger.info("perplexity of %d traces under %s", len(ts), student)
-        for row in score_ppl(cfg, student, ts):
+        for row in score_ppl(cfg, student, ts, rejected):
             results[row["key"]]["ppl"] = row
         for row in score_style(cfg, student, ts):
             results[row["key"]]["style"] = row
     for rm in cfg.scoring.reward_models:
         logger.info("reward model %s on %d traces", rm, len(all_traces))
-        for row in score_reward(cfg, rm, all_traces):
+        for row in score_reward(cfg, rm, all_traces, rejected):
             results[row["key"]][f"reward-{rm}"] = row
+    rejected_by_key: dict[str, list[dict]] = defaultdict(list)
+    for r in rejected:
+        rejected_by_key[r.pop("key")].append(r)
 
     for student, stream, stage in pending:
         with stage.running():
             rows = [t for t in traces[student] if t["stream"] == stream]
             tables = ["ppl", "style", *(f"reward-{rm}" for rm in cfg.scoring.reward_models)]
             summary: dict[str, dict] = {}
+            stream_rejected = [r for t in rows for r in rejected_by_key[t["key"]]]
+            stage.write_table(
+                "rejected", pa.Table.from_pylist(stream_rejected, schema=REJECTED_SCHEMA)
+            )
+            counts = {}
             for name in tables:
                 out = []
                 for t in rows:
-                    r = results[t["key"]][name]
+                    r = results[t["key"]].get(name)
+                    if r is None:  # rejected for this table: in rejected.parquet
+                        continue
                     out.append(
                         {
                             "problem_id": t["problem_id"],
@@ -172,6 +204,7 @@ def run(cfg: ExperimentConfig, *, force: bool = False) -> Path:
                         }
                     )
                 stage.write_table(name, pa.Table.from_pylist(out))
+                counts[name] = len(out)
                 for field in _summary_fields(name):
                     summary[f"{name}.{field}"] = summarize(
                         [o.get(field) for o in out], cfg.scoring.num_bootstrap, cfg.seed
@@ -181,8 +214,9 @@ def run(cfg: ExperimentConfig, *, force: bool = False) -> Path:
             )
             write_json(stage.dir / "summary.json", summary)
             stage.finish(
-                row_counts={name: len(rows) for name in tables}, student=student, stream=stream
-            )
+                row_counts={**counts, "rejected": len(stream_rejected)},
+                student=student, stream=stream, traces=len(rows),
+            )  # fmt: skip
     return run_dir.root / "scores"
 
 

@@ -8,7 +8,8 @@ For each student (its `slm_rft` stream comes from the rollouts stage):
 - `numina_subset`: the source's own solution of each problem;
 - `style_aligned_<oracle>`: each style oracle repairs the logic of each SLM-RFT trace in the
   student's own style, shown by a few other traces of the same student;
-- semantic retention (1-5, by the judge oracle) of the refined and style-aligned traces.
+- semantic retention (1-5, by the judge oracle) of the refined, synthesized and style-aligned
+  traces (each against the student's own SLM-RFT trace of the problem).
 Oracle answers are graded; wrong ones are dropped (counted) unless
 `streams.keep_wrong_oracle_answers`. Every oracle reply is cached in `<run>/oracle_cache/`, so a
 rerun (or `--force`) never pays twice. Finally `streams/<student>/final/<stream>.parquet` holds
@@ -98,7 +99,7 @@ def judge_retention(cfg: ExperimentConfig, run: RunDir, originals: list[str], re
 
 def oracle_stream(cfg: ExperimentConfig, run: RunDir, student: str, stream: str, oracle: str,
                   items: list[dict], messages: list[list[dict]], prompt_file: str,
-                  retention_of: list[str] | None, force: bool) -> Path:  # fmt: skip
+                  retention_of: list[str | None] | None, force: bool) -> Path:  # fmt: skip
     """One oracle-made stream: ask, grade, judge retention, keep the right ones."""
     inputs = [run.root / "problem_set", run.root / "streams" / student / "slm_rft"]
     judge = (
@@ -132,11 +133,14 @@ def oracle_stream(cfg: ExperimentConfig, run: RunDir, student: str, stream: str,
                                                   [results[i].content for i in done]), strict=True))  # fmt: skip
         retention: dict[int, int | None] = {}
         if judge:
+            # Judged against the student's own trace of the problem, where it has one (a
+            # synthesized trace of a problem the student never solved has nothing to retain).
+            judged = [i for i in done if retention_of[i] is not None]
             with stage.timed("retention"):
-                scores = judge_retention(cfg, run, [retention_of[i] for i in done],
-                                         [results[i].content for i in done],
-                                         [items[i]["problem_id"] for i in done])  # fmt: skip
-            retention = dict(zip(done, scores, strict=True))
+                scores = judge_retention(cfg, run, [retention_of[i] for i in judged],
+                                         [results[i].content for i in judged],
+                                         [items[i]["problem_id"] for i in judged])  # fmt: skip
+            retention = dict(zip(judged, scores, strict=True))
         generated, kept = [], []
         for i, (item, result) in enumerate(zip(items, results, strict=True)):
             grade = grades.get(i)
@@ -168,7 +172,8 @@ def oracle_stream(cfg: ExperimentConfig, run: RunDir, student: str, stream: str,
             reasons=dict(Counter(g["reason"] for g in generated if g["reason"])),
             cost_usd=round(sum(r.cost_usd for r in results if not r.cached), 6),
             cached_requests=sum(r.cached for r in results),
-            retention_unparsed=sum(1 for i in done if judge and retention.get(i) is None),
+            retention_judged=len(retention),
+            retention_unparsed=sum(1 for v in retention.values() if v is None),
         )  # fmt: skip
     return stage.dir
 
@@ -253,8 +258,12 @@ def run_student(cfg: ExperimentConfig, run: RunDir, student: str, force: bool) -
         oracle_stream(cfg, run, student, "oracle_refined", cfg.streams.refine_oracle, rft,
                       [refine_messages(r["problem"], r["trace"]) for r in rft], "refine", traces, force)  # fmt: skip
     if "oracle_synthesized" in enabled:
+        # Retention of a fresh solution is judged against the student's own (SLM-RFT) trace of
+        # the same problem, as the paper reports it (3.91 for GPT-5.2).
+        own = {r["problem_id"]: r["trace"] for r in rft}
         oracle_stream(cfg, run, student, "oracle_synthesized", cfg.streams.synthesize_oracle, problem_set,
-                      [synthesize_messages(p["problem"]) for p in problem_set], "synthesize", None, force)  # fmt: skip
+                      [synthesize_messages(p["problem"]) for p in problem_set], "synthesize",
+                      [own.get(p["problem_id"]) for p in problem_set], force)  # fmt: skip
     if "numina_subset" in enabled:
         numina_stream(run, student, problem_set, force)
     if "style_aligned" in enabled:
