@@ -153,7 +153,8 @@ def run_student(
     config_hash = (
         cfg.section_hash("rollouts", "grading", "cpu_world")
         + ":"
-        + stable_hash(model.model_dump(mode="json"))
+        # The prompt file by content: editing a prompt reruns what used it.
+        + stable_hash(model.model_dump(mode="json"), load_prompt(model.prompt))
     )
     stage = Stage(
         run.root / "rollouts" / student, config_hash, inputs=[run.root / "problems"], force=force
