@@ -31,11 +31,17 @@ def test_batch_engine_oracle_answers_every_request_and_caches(tmp_path: Path, cp
         for i, p in enumerate(problems)
     ]
     requests.append(requests[0])  # a duplicate: the same reply, one generation
+    # One prompt longer than the engine's 1024 tokens: a failed row with its reason, never a
+    # crash of the whole batch (a style-align prompt with exemplars can do this to a 72B oracle).
+    requests.insert(3, OracleRequest("long:synthesize", synthesize_messages("1 + " * 1200 + "1")))
     first = run_engine_requests(cfg.oracles["open"], requests, tmp_path / "cache", cfg)
     assert [r.key for r in first] == [r.key for r in requests]
-    assert all(r.status in ("done", "failed") for r in first)
-    assert all(r.content for r in first if r.status == "done") and any(
-        r.status == "done" for r in first
+    long = first[3]
+    assert long.status == "failed" and long.content is None and "limit of 1024 tokens" in long.error
+    others = first[:3] + first[4:]
+    assert all(r.status in ("done", "failed") for r in others)
+    assert all(r.content for r in others if r.status == "done") and any(
+        r.status == "done" for r in others
     )
     assert not any(r.cached for r in first[:-1])
     again = run_engine_requests(cfg.oracles["open"], requests, tmp_path / "cache", cfg)
