@@ -339,6 +339,17 @@ class GradingConfig(StrictModel):
     """Grading processes; unset means one per CPU."""
 
 
+class ReportConfig(StrictModel):
+    """Stage `report`: the paper's tables, rank correlations with bootstrap intervals, plots."""
+
+    num_bootstrap: int = Field(1000, gt=0)
+    """Bootstrap resamples behind every interval of the report."""
+    seed: int = 0
+    """Bootstrap seed: the same seed and inputs give the same intervals."""
+    confidence_level: float = Field(0.95, gt=0, lt=1)
+    """Level of the percentile bootstrap intervals."""
+
+
 class RayConfig(StrictModel):
     """How the suite connects to (or starts) a Ray cluster."""
 
@@ -429,6 +440,7 @@ class ExperimentConfig(StrictModel):
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig
     grading: GradingConfig = GradingConfig()
+    report: ReportConfig = ReportConfig()
     ray: RayConfig = RayConfig()
     cpu_world: CpuWorldSettings = CpuWorldSettings()
     """Tiny models and synthetic data used by `cpu-world:` refs (dry runs, tests)."""
