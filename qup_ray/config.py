@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -42,6 +42,29 @@ class StrictModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
 
+    THROUGHPUT: ClassVar[frozenset[str]] = frozenset()
+    """Fields that change how fast work is done, never its results (left out of stage hashes)."""
+
+
+def result_view(value: Any) -> Any:
+    """A config value as JSON data without its throughput fields (`THROUGHPUT` of each model):
+    what a stage's identity is hashed from, so a job requeued onto another allocation (other
+    actor counts, batch sizes, memory settings) keeps its finished work."""
+    if isinstance(value, BaseModel):
+        skip = getattr(type(value), "THROUGHPUT", frozenset())
+        return {
+            name: result_view(getattr(value, name))
+            for name in type(value).model_fields
+            if name not in skip
+        }
+    if isinstance(value, dict):
+        return {str(k): result_view(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [result_view(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
 
 # --------------------------------------------------------------------------------------------
 # Engines and models
@@ -50,6 +73,12 @@ class StrictModel(BaseModel):
 
 class EngineConfig(StrictModel):
     """How one vLLM engine (one Ray actor) is built for a model."""
+
+    THROUGHPUT: ClassVar[frozenset[str]] = frozenset(
+        {"kv_cache_memory_bytes", "gpu_memory_utilization", "enforce_eager",
+         "max_num_batched_tokens", "num_actors", "num_gpus_per_actor", "num_cpus_per_actor",
+         "in_process_core", "batch_size"}
+    )  # fmt: skip
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights/activation dtype. Use float32 on CPU when numbers must match transformers exactly."""
@@ -104,6 +133,11 @@ class ModelConfig(StrictModel):
 
 class OracleConfig(StrictModel):
     """A strong model that refines, synthesizes or style-aligns traces (GPT-5.2 in the paper)."""
+
+    THROUGHPUT: ClassVar[frozenset[str]] = frozenset(
+        {"max_concurrency", "timeout_s", "max_retries", "usd_per_million_prompt_tokens",
+         "usd_per_million_completion_tokens", "budget_usd"}
+    )  # fmt: skip
 
     backend: Literal["openai", "vllm", "rule"]
     """`openai`: any OpenAI-compatible endpoint; `vllm`: batch vLLM actors of an open model;
@@ -216,6 +250,8 @@ class RftFilterConfig(StrictModel):
 
 class RolloutsConfig(StrictModel):
     """Stage `rollouts`: rejection sampling with every student."""
+
+    THROUGHPUT: ClassVar[frozenset[str]] = frozenset({"shard_size"})
 
     num_samples_per_problem: int = Field(8, gt=0)
     """N samples per problem (8 in the paper)."""
@@ -331,6 +367,8 @@ class EvaluationConfig(StrictModel):
 class GradingConfig(StrictModel):
     """The answer checker shared by every stage."""
 
+    THROUGHPUT: ClassVar[frozenset[str]] = frozenset({"num_workers"})
+
     timeout_s: float = Field(5.0, gt=0)
     """Time bound of one answer check; a check that runs longer is status=timeout."""
     lenient: bool = False
@@ -366,7 +404,7 @@ class RayConfig(StrictModel):
 
 
 class StageResources(StrictModel):
-    """Per-stage resources that differ from the cluster defaults."""
+    """Per-stage resources that differ from the cluster defaults (one job of that stage)."""
 
     nodes: int = Field(1, ge=1)
     """Nodes of the job (Ray head on the first, workers on the rest)."""
@@ -380,40 +418,91 @@ class StageResources(StrictModel):
     """Wall-clock limit; unset uses the cluster default."""
 
 
+class EstimateConfig(StrictModel):
+    """What `qup grid --plan` turns into GPU-hours. Measured throughputs win over the defaults
+    here: `qup bench` JSON files first, then earlier runs' manifests; the plan says which."""
+
+    bench_json: list[str] = []
+    """Files holding `qup bench NAME --json` lines measured on this cluster's GPUs
+    (`rollouts`: generated tokens/s, `ppl`: scored tokens/s; divided by the bench's actors,
+    one GPU per actor)."""
+    calibration_runs: list[str] = []
+    """Run directories of earlier grid runs on this cluster: finished stages' manifests
+    (duration, rows, tokens) and the GPUs their jobs held (`grid/jobs.json`)."""
+    generate_tokens_per_gpu_s: float = Field(2500.0, gt=0)
+    """Default: tokens/s one GPU generates with a 1.5B student in vLLM (rollouts, eval)."""
+    oracle_tokens_per_gpu_s: float = Field(150.0, gt=0)
+    """Default: tokens/s per GPU of a tensor-parallel open oracle engine (a 72B model)."""
+    score_tokens_per_gpu_s: float = Field(20000.0, gt=0)
+    """Default: prompt tokens/s one GPU scores (perplexity, reward) for a small model; a
+    model spanning `tensor_parallel_size` GPUs counts that many times."""
+    train_tokens_per_gpu_s: float = Field(6000.0, gt=0)
+    """Default: training tokens/s per GPU (forward + backward, DeepSpeed ZeRO-2, 1.5B)."""
+    mean_sample_tokens: int = Field(700, gt=0)
+    """Default: tokens of one generated sample or trace (prompt tokens are small beside it)."""
+    problem_set_fraction: float = Field(0.34, gt=0, le=1)
+    """Default: fraction of problems the anchor student solves (34k of 100k in the paper)."""
+    problems_per_benchmark: int = Field(300, gt=0)
+    """Default: problems of a benchmark when `evaluation.max_problems_per_benchmark` is unset
+    (MATH500 500, AIME24 30, AMC23 40, Minerva 272, OlympiadBench 675: about 300 on average)."""
+
+
 class ClusterConfig(StrictModel):
     """One cluster's specifics (the file passed with `--cluster`). Nothing cluster-specific lives
     in Python or in sbatch templates."""
 
     executor: Literal["slurm", "local", "debug"] = "slurm"
-    """`slurm` submits through submitit; `local`/`debug` run the same jobs on this machine."""
+    """`slurm` submits through submitit; `local` runs the same jobs and dependencies on this
+    machine, one at a time, through submitit's local executor; `debug` runs them in this
+    process (submitit's debug executor, for a debugger)."""
     partition: str | None = None
     """SLURM partition."""
     account: str | None = None
     """SLURM account."""
     qos: str | None = None
     """SLURM QOS."""
+    constraint: str | None = None
+    """SLURM node feature constraint, e.g. `a100|h100`."""
     gpus_per_node: int = Field(8, ge=0)
-    """Default GPUs per node."""
+    """GPUs of one node, and what a job gets unless its stage says otherwise."""
     cpus_per_node: int = Field(32, ge=1)
-    """Default CPUs per node."""
+    """CPUs a job gets per node unless its stage says otherwise."""
     mem_gb: float = Field(256, gt=0)
-    """Default memory per node."""
+    """Memory a job gets per node unless its stage says otherwise."""
     timeout_min: int = Field(1440, gt=0)
     """Default wall-clock limit; jobs that hit it requeue and resume."""
     max_requeues: int = Field(3, ge=0)
     """How often a preempted or timed-out job is requeued."""
+    signal_delay_s: int = Field(90, ge=10)
+    """Seconds before the time limit at which SLURM sends USR2, so the job checkpoints and
+    requeues itself (SLURM may send it up to 60 s early)."""
     setup: list[str] = []
     """Shell lines run at the start of every job (module load, venv activation)."""
     log_dir: str = "slurm_logs"
-    """submitit logs, relative to the run directory."""
-    sbatch_extra: dict[str, str] = {}
-    """Extra `#SBATCH` options (e.g. `constraint: a100`)."""
+    """submitit logs and pickles, relative to the run directory."""
+    sbatch_extra: dict[str, str | int] = {}
+    """Extra `#SBATCH` options (e.g. `exclude: node13`, `mail-type: FAIL`)."""
     env: dict[str, str] = {}
     """Environment variables set in every job (never secrets: those come from your shell)."""
-    dashboard_port: int = Field(8265, gt=0, lt=65536)
-    """Ray dashboard port on the head node."""
+    ray_port_range: tuple[int, int] = (20000, 60000)
+    """Ports a job's Ray cluster may use. Each job takes a free block of `ray_port_block`
+    ports (GCS, raylet, object manager, dashboard and its agent, metrics, runtime env,
+    client server, workers), so several jobs share a node without meeting."""
+    ray_port_block: int = Field(200, ge=32)
+    """Ports per job; all but the first 16 are Ray worker ports (one per worker process)."""
+    ray_temp_root: str = "/tmp"
+    """Where a job's Ray temp dir `qup-ray-<job id>` goes: keep it short, Ray's Unix sockets
+    fail on paths over 107 bytes (SLURM's per-job tmpdirs are often longer)."""
+    object_store_fraction: float = Field(0.3, gt=0, lt=1)
+    """Share of a job's memory given to Ray's object store (Ray otherwise sizes it from the
+    whole node's memory, not the allocation)."""
+    dashboard_host: str = "127.0.0.1"
+    """Where each job's Ray dashboard binds. Keep 127.0.0.1: the dashboard runs code for anyone
+    who reaches it; the job log prints the `ssh -L` line to reach it."""
     stages: dict[str, StageResources] = {}
-    """Resource overrides by stage name (rollouts, streams, score, train, eval, report)."""
+    """Resource overrides by stage name (problems, rollouts, streams, score, train, eval, report)."""
+    estimate: EstimateConfig = EstimateConfig()
+    """Throughputs behind the GPU-hour estimate of `qup grid --plan`."""
 
 
 class ExperimentConfig(StrictModel):
@@ -460,8 +549,9 @@ class ExperimentConfig(StrictModel):
         return names
 
     def section_hash(self, *keys: str) -> str:
-        """Stable hash of some top-level sections: what a stage's manifest compares on rerun."""
-        data = self.model_dump(mode="json")
+        """Stable hash of some top-level sections without their throughput fields
+        (`result_view`): what a stage's manifest compares on rerun."""
+        data = result_view(self)
         picked = {k: data[k] for k in keys} if keys else data
         blob = json.dumps(picked, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -532,6 +622,47 @@ def _cross_checks(data: dict) -> list[str]:
         if unknown:
             problems.append(
                 f"training.robustness.{i}: unknown keys {sorted(unknown)} (got {extra})"
+            )
+    return problems
+
+
+def _cluster_checks(data: dict) -> list[str]:
+    """What a cluster YAML's fields cannot check alone: stage names, jobs that fit a node."""
+    from qup_ray.stages import STAGE_ORDER
+
+    problems: list[str] = []
+    node_gpus = data.get("gpus_per_node", ClusterConfig.model_fields["gpus_per_node"].default)
+    stages = data.get("stages")
+    for name, res in (stages if isinstance(stages, dict) else {}).items():
+        if name not in STAGE_ORDER:
+            problems.append(
+                f"stages.{name}: not a stage; one of {', '.join(STAGE_ORDER)} (got {name!r})"
+            )
+        if not isinstance(res, dict):
+            continue
+        gpus = res.get("gpus_per_node")
+        if isinstance(gpus, int) and isinstance(node_gpus, int) and gpus > node_gpus:
+            problems.append(
+                f"stages.{name}.gpus_per_node: more GPUs per job node than a node has "
+                f"(gpus_per_node: {node_gpus}) (got {gpus})"
+            )
+        nodes = res.get("nodes", 1)
+        if data.get("executor") in ("local", "debug") and isinstance(nodes, int) and nodes > 1:
+            problems.append(
+                f"stages.{name}.nodes: executor {data['executor']!r} runs one node (got {nodes})"
+            )
+    ports = data.get("ray_port_range")
+    if (
+        isinstance(ports, list | tuple)
+        and len(ports) == 2
+        and all(isinstance(p, int) for p in ports)
+    ):
+        block = data.get("ray_port_block", ClusterConfig.model_fields["ray_port_block"].default)
+        low, high = ports
+        if not (low >= 1024 and high <= 65535 and isinstance(block, int) and high - low >= block):
+            problems.append(
+                f"ray_port_range: needs 1024 <= low, high <= 65535 and room for one block of "
+                f"{block} ports (got {list(ports)})"
             )
     return problems
 
@@ -627,6 +758,8 @@ def validate_data(
         from qup_ray.models import context_problems
 
         problems += _cross_checks(data) + context_problems(data)
+    if model is ClusterConfig:
+        problems += _cluster_checks(data)
     if problems or cfg is None:
         raise ConfigError(problems, source=source)
     return cfg
