@@ -307,35 +307,97 @@ class ScoringConfig(StrictModel):
 
 
 class TrainingConfig(StrictModel):
-    """Stage `train`: SFT and DFT of each student on each stream (Ray Train + DeepSpeed)."""
+    """Stage `train`: SFT and DFT of each student on each stream (Ray Train + DeepSpeed).
+
+    One cell per student x stream x objective x variant (the base learning rate and batch, plus
+    each `robustness` entry), written to `train/<student>/<stream>/<objective>[-<variant>]/`."""
 
     objectives: list[Literal[OBJECTIVES]] = list(OBJECTIVES)  # type: ignore[valid-type]
     """`sft`: token cross-entropy; `dft`: cross-entropy weighted by stop-grad p(target)."""
+    streams: list[str] | None = None
+    """Streams to train on (names as in `cfg.stream_names()`, e.g. `style_aligned_gpt52`);
+    unset trains on every stream."""
+    loss_normalization: Literal["token", "micro_batch", "sequence"] = "token"
+    """What one optimizer step averages (see `qup_ray.losses`): `token`, the mean over every
+    response token of the global batch across accumulation steps and ranks (TRL's `dft`);
+    `micro_batch`, the mean of each micro-batch's token mean (the DFT authors' per-rank mean,
+    averaged rather than summed); `sequence`, the mean of per-sequence token means."""
     learning_rate: float = Field(5e-5, gt=0)
-    """Peak learning rate."""
+    """Peak learning rate (AdamW; betas, eps and weight decay in the DeepSpeed JSON)."""
     global_batch_size: int = Field(256, gt=0)
-    """Sequences per optimizer step, over all workers and accumulation steps."""
+    """Sequences per optimizer step, over all workers and accumulation steps; must be a multiple
+    of `micro_batch_size_per_worker * num_workers` (the quotient is the accumulation steps)."""
     micro_batch_size_per_worker: int = Field(4, gt=0)
     """Sequences per forward pass on one worker."""
     num_epochs: float = Field(1.0, gt=0)
-    """Passes over the stream."""
+    """Passes over the stream (a fraction trains on the first part of the last pass)."""
     max_seq_len: int = Field(4096, gt=0)
-    """Truncate training sequences to this many tokens."""
+    """Longest training sequence in tokens (prompt + response + turn end). Longer examples are
+    cut to it (counted as `truncated`); an example whose prompt alone fills it is dropped
+    (counted as `dropped_too_long`)."""
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     """Fraction of steps of linear warm-up."""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    """Decay after warm-up."""
+    """Decay to zero after warm-up."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping (global L2 norm); replaces `gradient_clipping` of the DeepSpeed JSON."""
     deepspeed_config: str = "configs/deepspeed/zero2.json"
-    """DeepSpeed JSON (relative to the repository or absolute)."""
+    """DeepSpeed JSON (relative to the repository or absolute); ZeRO stage 2 by default,
+    `configs/deepspeed/zero3.json` for stage 3. `auto` values are filled from this section."""
     num_workers: int = Field(1, ge=1)
     """Ray Train workers (one per GPU on a cluster)."""
     use_gpu: bool = True
-    """Train on GPUs; False for the CPU dry run (DeepSpeed over gloo)."""
+    """Train on GPUs in bf16; False trains on CPU in float32 (DeepSpeed over gloo)."""
+    gpus_per_worker: float = Field(1, ge=0)
+    """GPUs reserved per worker when `use_gpu`."""
+    cpus_per_worker: float = Field(1, gt=0)
+    """CPUs reserved per worker."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (for 4096-token rows on small GPUs)."""
+    checkpoint_every_steps: int = Field(50, ge=0)
+    """Save a resumable checkpoint every N optimizer steps (0: only when SIGTERM/SIGUSR2 asks).
+    A rerun of a killed or preempted cell resumes from its latest checkpoint."""
+    checkpoint_dir: str | None = None
+    """Where checkpoints go: unset puts them in the cell folder (`checkpoints/`); a path puts
+    them under `<checkpoint_dir>/<experiment>/<student>/<stream>/<cell>/` (a shared
+    filesystem all workers reach). Removed once the cell's model is exported."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to the cell folder (`tensorboard/`)."""
     seed: int = 0
     """Data order and init seed."""
     robustness: list[dict[str, float]] = []
     """Extra (learning_rate, global_batch_size) settings run for robustness, e.g.
     `[{learning_rate: 2e-5, global_batch_size: 128}]`."""
+
+
+def _training_checks(data: dict, stream_names: list[str]) -> list[str]:
+    """Batch sizes that do not divide and streams that do not exist, in `training`."""
+    training = data.get("training")
+    if not isinstance(training, dict):
+        return []
+    problems: list[str] = []
+    micro, workers = training.get("micro_batch_size_per_worker", 4), training.get("num_workers", 1)
+    ok = isinstance(micro, int) and isinstance(workers, int) and micro > 0 and workers > 0
+    batches = [("training.global_batch_size", training.get("global_batch_size", 256))]
+    robustness = training.get("robustness") or []
+    for i, extra in enumerate(robustness if isinstance(robustness, list) else []):
+        if isinstance(extra, dict) and "global_batch_size" in extra:
+            batches.append((f"training.robustness.{i}.global_batch_size", extra["global_batch_size"]))
+    for path, batch in batches if ok else []:
+        if not isinstance(batch, int | float) or batch != int(batch):
+            problems.append(f"{path}: must be a whole number of sequences (got {batch!r})")
+        elif int(batch) % (micro * workers):
+            problems.append(
+                f"{path}: must be a multiple of micro_batch_size_per_worker x num_workers = "
+                f"{micro} x {workers} = {micro * workers} (got {batch})"
+            )
+    wanted = training.get("streams")
+    for i, name in enumerate(wanted if isinstance(wanted, list) else []):
+        if name not in stream_names:
+            problems.append(
+                f"training.streams.{i}: not a stream of this experiment {stream_names} (got {name!r})"
+            )
+    return problems
 
 
 class BenchmarkConfig(StrictModel):
@@ -623,6 +685,10 @@ def _cross_checks(data: dict) -> list[str]:
             problems.append(
                 f"training.robustness.{i}: unknown keys {sorted(unknown)} (got {extra})"
             )
+    style_names = [f"style_aligned_{o}" for o in style_oracles if isinstance(o, str)]
+    stream_names = [s for s in enabled if s != "style_aligned"]
+    stream_names += style_names if "style_aligned" in enabled else []
+    problems += _training_checks(data, stream_names)
     return problems
 
 

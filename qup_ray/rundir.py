@@ -184,12 +184,29 @@ def stable_hash(*parts: object) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def content_fingerprint(stage_dir: Path, config_hash: str) -> str:
+    """What a finished stage *produced*: its config hash and the bytes of its top-level Parquet
+    tables (deterministic for the same rows). Timings, argv and hosts are not part of it, so an
+    upstream rerun that gives the same tables leaves every downstream stage finished."""
+    digest = hashlib.sha256(config_hash.encode())
+    for path in sorted(Path(stage_dir).glob("*.parquet")):
+        digest.update(path.name.encode())
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def manifest_fingerprint(stage_dir: Path) -> str | None:
-    """Hash of a finished stage's manifest; a dependent stage records it to notice changes."""
+    """The content fingerprint a finished stage recorded in its manifest (a dependent stage
+    records it to notice changes); None while the stage is not finished."""
     path = Path(stage_dir) / MANIFEST
     if not path.is_file():
         return None
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    manifest = read_json(path)
+    if "fingerprint" in manifest:
+        return manifest["fingerprint"]
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]  # manifests of older versions
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,6 +360,7 @@ class Stage:
         manifest = {
             "stage": str(self.dir),
             "config_hash": self.config_hash,
+            "fingerprint": content_fingerprint(self.dir, self.config_hash),
             "inputs": self._input_fingerprints(),
             "row_counts": row_counts,
             "timings": {"started": self._started, "finished": finished,
@@ -364,14 +382,31 @@ class Stage:
 # --------------------------------------------------------------------------------------------
 
 
+def train_cell_settings(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
+    """Objective folder name -> its objective, learning_rate and global_batch_size: `sft`,
+    `dft`, plus robustness variants like `dft-lr2e-05-bs128`."""
+    t = cfg.training
+    cells = {o: {"objective": o, "learning_rate": t.learning_rate,
+                 "global_batch_size": t.global_batch_size} for o in t.objectives}  # fmt: skip
+    for extra in t.robustness:
+        lr = extra.get("learning_rate", t.learning_rate)
+        bs = int(extra.get("global_batch_size", t.global_batch_size))
+        for o in t.objectives:
+            cells[f"{o}-lr{lr:.0e}-bs{bs}"] = {
+                "objective": o, "learning_rate": lr, "global_batch_size": bs,
+            }  # fmt: skip
+    return cells
+
+
 def train_cells(cfg: ExperimentConfig) -> list[str]:
     """Objective folder names: `sft`, `dft`, plus robustness variants like `dft-lr2e-05-bs128`."""
-    cells = list(cfg.training.objectives)
-    for extra in cfg.training.robustness:
-        lr = extra.get("learning_rate", cfg.training.learning_rate)
-        bs = int(extra.get("global_batch_size", cfg.training.global_batch_size))
-        cells += [f"{o}-lr{lr:.0e}-bs{bs}" for o in cfg.training.objectives]
-    return cells
+    return list(train_cell_settings(cfg))
+
+
+def train_streams(cfg: ExperimentConfig) -> list[str]:
+    """Streams the train (and eval) stages cover: `training.streams`, else every stream."""
+    names = cfg.stream_names()
+    return [s for s in names if s in cfg.training.streams] if cfg.training.streams else names
 
 
 def expected_stage_dirs(cfg: ExperimentConfig) -> list[tuple[str, str]]:
@@ -382,10 +417,10 @@ def expected_stage_dirs(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     streams = cfg.stream_names()
     out += [("streams", f"streams/{s}/{st}") for s in cfg.students for st in [*streams, "final"]]
     out += [("score", f"scores/{s}/{st}") for s in cfg.students for st in streams]
-    cells = train_cells(cfg)
+    cells, trained = train_cells(cfg), train_streams(cfg)
     for kind in ("train", "eval"):
         out += [
-            (kind, f"{kind}/{s}/{st}/{c}") for s in cfg.students for st in streams for c in cells
+            (kind, f"{kind}/{s}/{st}/{c}") for s in cfg.students for st in trained for c in cells
         ]
     out.append(("report", "report"))
     return out

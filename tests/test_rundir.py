@@ -112,8 +112,13 @@ def test_stage_redone_when_an_input_changes_and_refused_without_inputs(tmp_path:
     toy_stage(tmp_path, "h", inputs=[upstream.dir], calls=calls)
     assert len(calls) == 1
     time.sleep(0.01)
-    with upstream.running():  # upstream rerun: new manifest
+    with upstream.running():  # upstream rerun with the same result: new manifest, same content
         upstream.finish(row_counts={"n": 2})
+    toy_stage(tmp_path, "h", inputs=[upstream.dir], calls=calls)
+    assert len(calls) == 1  # identity is content, not timings: finished work is kept
+    with upstream.running():  # upstream rerun that produced something else
+        upstream.write_table("t", [{"x": 1}])
+        upstream.finish(row_counts={"t": 1})
     toy_stage(tmp_path, "h", inputs=[upstream.dir], calls=calls)
     assert len(calls) == 2
     with pytest.raises(StageError, match="run these stages first"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -64,6 +65,9 @@ class CpuWorldSettings(BaseModel):
     """Everything that determines the CPU world's tokenizer, students and reward models."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    THROUGHPUT: ClassVar[frozenset[str]] = frozenset({"cache_dir"})
+    """Where the world is cached changes no result (see `qup_ray.config.result_view`)."""
 
     cache_dir: str | None = None
     """Cache root; ``None`` means ``$QUP_CACHE_DIR``, else ``~/.cache/qup_ray``. Not hashed."""

@@ -19,9 +19,9 @@ from pathlib import Path
 import pyarrow as pa
 from tqdm import tqdm
 
-from qup_ray.config import ExperimentConfig
+from qup_ray.config import ExperimentConfig, result_view
 from qup_ray.data import PROBLEM_SCHEMA, REJECTED_SCHEMA, load_problems, normalize_text
-from qup_ray.rundir import RunDir, Stage
+from qup_ray.rundir import RunDir, Stage, stable_hash
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +64,10 @@ def contamination(
 def run(cfg: ExperimentConfig, *, force: bool = False) -> Path:
     """Build `<run>/problems/`; skipped when its manifest matches the config."""
     pc = cfg.problems
-    keys = ("problems", "evaluation") if pc.decontaminate else ("problems",)
-    stage = Stage(RunDir.for_config(cfg).root / "problems", cfg.section_hash(*keys), force=force)
+    config_hash = cfg.section_hash("problems")
+    if pc.decontaminate:  # the benchmarks decontaminated against, not the rest of evaluation
+        config_hash += ":" + stable_hash(result_view(cfg.evaluation.benchmarks))
+    stage = Stage(RunDir.for_config(cfg).root / "problems", config_hash, force=force)
     if stage.is_done():
         return stage.dir
     with stage.running():

@@ -23,7 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from qup_ray.config import ExperimentConfig
+from qup_ray.config import ExperimentConfig, result_view
 from qup_ray.encoding import ChatFormat, fit_generation
 from qup_ray.engines import VLLMGenerator, generate_and_grade, request_seed
 from qup_ray.models import engine_max_len, resolve_model
@@ -154,7 +154,7 @@ def run_student(
         cfg.section_hash("rollouts", "grading", "cpu_world")
         + ":"
         # The prompt file by content: editing a prompt reruns what used it.
-        + stable_hash(model.model_dump(mode="json"), load_prompt(model.prompt))
+        + stable_hash(result_view(model), load_prompt(model.prompt))
     )
     stage = Stage(
         run.root / "rollouts" / student, config_hash, inputs=[run.root / "problems"], force=force

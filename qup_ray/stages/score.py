@@ -33,6 +33,7 @@ from qup_ray.rundir import (
     StageError,
     read_parquet,
     rejected_row,
+    stable_hash,
     write_json,
 )
 from qup_ray.stats import summarize
@@ -142,7 +143,11 @@ def run(cfg: ExperimentConfig, *, force: bool = False) -> Path:
 
     run_dir = RunDir.for_config(cfg)
     streams = cfg.stream_names()
-    config_hash = cfg.section_hash("scoring", "reward_models", "students", "cpu_world")
+    prompts = sorted({m.prompt for m in cfg.students.values()}
+                     | {rm.prompt for rm in cfg.reward_models.values() if rm.prompt})  # fmt: skip
+    config_hash = cfg.section_hash("scoring", "reward_models", "students", "cpu_world") + (
+        ":" + stable_hash([load_prompt(p) for p in prompts])  # prompt files by content
+    )
     pending: list[tuple[str, str, Stage]] = []
     for student in cfg.students:
         final = run_dir.root / "streams" / student / "final"

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from qup_ray.config import ExperimentConfig, OracleConfig
+from qup_ray.config import ExperimentConfig, OracleConfig, result_view
 from qup_ray.grading import BoundedChecker
 from qup_ray.oracle.client import OracleRequest, OracleResult, ReplyCheck, run_requests
 from qup_ray.oracle.prompts import (
@@ -113,9 +113,7 @@ def oracle_stream(cfg: ExperimentConfig, run: RunDir, student: str, stream: str,
     config_hash = (
         cfg.section_hash("streams", "grading")
         + ":"
-        + stable_hash(
-            [cfg.oracles[o].model_dump(mode="json") for o in [oracle, *judge]], prompt_state
-        )
+        + stable_hash([result_view(cfg.oracles[o]) for o in [oracle, *judge]], prompt_state)
     )
     stage = Stage(run.root / "streams" / student / stream, config_hash, inputs=inputs, force=force)
     if stage.is_done():
