@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -113,36 +114,78 @@ def load_raw_rows(source: DatasetSource) -> Iterable[dict]:
 
 
 def _as_answer(value: Any) -> str | None:
-    """Gold answer as one string: lists (OlympiadBench's final_answer) joined, numbers printed."""
-    if value is None:
+    """Gold answer as one string: numbers printed exactly, text trimmed, lists joined.
+
+    AMC23 stores its integer answers as floats: `27.0` is the integer 27, written "27" (the
+    shortest exact form otherwise, never a rounded one). OlympiadBench's `final_answer` is a
+    list whose items are all required: each item loses its own `$...$` or `\\boxed{}` before
+    the items are joined with ", " (joined first, "$a$, $b$" would lose only its outer `$`)."""
+    if value is None or isinstance(value, bool):
         return None
     if isinstance(value, list | tuple):
+        from qup_ray.answers import gold_text
+
         parts = [_as_answer(v) for v in value]
         parts = [p for p in parts if p]
-        return ", ".join(parts) if parts else None
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return f"{value:g}" if isinstance(value, float) else str(value)
+        return (gold_text(parts) or None) if parts else None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        return str(int(value)) if value.is_integer() else repr(value)
     if isinstance(value, str):
         value = value.strip()
+        if "\\boxed" in value or "\\fbox" in value:
+            # Some mirrors store the gold as the solution's boxed line (Minerva Math).
+            from qup_ray.answers import last_boxed
+
+            value = (last_boxed(value) or "").strip()
         return value or None
     return None
 
 
+_UNIT_SPACING_RE = re.compile(r"(?:\\[,;: !]|~|\\quad|\s)+$")
+
+
+def strip_unit(answer: str, unit: str | None) -> str:
+    """The gold answer without its unit: OlympiadBench keeps the unit in a `unit` column and
+    its answers come with or without it (`$5 \\mathrm{~m}$`). The answer checker already ignores
+    units written in a response's box, so the gold is compared as the bare quantity."""
+    if not unit or not unit.strip().strip("$").strip():
+        return answer
+    unit_text = unit.strip().strip("$").strip()
+    items = []
+    for item in re.split(r"(?<!\\), ", answer):  # items, not the thin space `\,`
+        bare = item.strip()
+        delimited = len(bare) > 2 and bare.startswith("$") and bare.endswith("$")
+        body = bare[1:-1].strip() if delimited else bare
+        if body.endswith(unit_text) and len(body) > len(unit_text):
+            body = _UNIT_SPACING_RE.sub("", body[: -len(unit_text)])
+        items.append(body)
+    return ", ".join(items)
+
+
 def normalize_row(raw: dict, fields: dict[str, str], benchmark: str) -> tuple[dict | None, str]:
-    """One raw row in the project's schema, or (None, reason) when it cannot be used."""
+    """One raw row in the project's schema, or (None, reason) when it cannot be used.
+
+    `fields` maps the project's names (problem, answer, solution, source, unit) to the
+    dataset's columns. Without an answer column the gold is the solution's last `\\boxed{}`
+    (NuminaMath-CoT; Minerva Math in its original problem/solution layout); a row whose answer
+    field is empty falls back to its solution's `\\boxed{}` the same way."""
     from qup_ray.answers import gold_from_solution
 
-    name = {key: fields.get(key, key) for key in ("problem", "answer", "solution", "source")}
+    name = {k: fields.get(k, k) for k in ("problem", "answer", "solution", "source", "unit")}
     problem = raw.get(name["problem"])
     if not isinstance(problem, str) or not problem.strip():
         return None, f"no problem text in field {name['problem']!r}"
     solution = raw.get(name["solution"])
+    if isinstance(solution, list) and all(isinstance(s, str) for s in solution):
+        solution = "\n\n".join(solution)  # OlympiadBench: a list of reference solutions
     if solution is not None and not isinstance(solution, str):
         return None, f"field {name['solution']!r} is not text"
     if "answer" in fields or name["answer"] in raw:
-        answer = _as_answer(raw.get(name["answer"]))
+        answer = _as_answer(raw.get(name["answer"])) or gold_from_solution(solution or "")
         if answer is None:
             return None, f"no gold answer in field {name['answer']!r}"
     else:
@@ -150,6 +193,8 @@ def normalize_row(raw: dict, fields: dict[str, str], benchmark: str) -> tuple[di
         answer = gold_from_solution(solution or "")
         if not answer:
             return None, "no \\boxed{} answer in the solution"
+    unit = raw.get(name["unit"])
+    answer = strip_unit(answer, unit if isinstance(unit, str) else None)
     source = raw.get(name["source"])
     return {
         "problem_id": problem_id(problem),

@@ -108,7 +108,7 @@ def test_olympiadbench_save_to_disk_list_answers(tmp_path: Path):
         kind="local", path=str(tmp_path / "olympiad"), fields=paper_fields("olympiadbench")
     )
     rows, rejected = load_problems(src, "olympiadbench")
-    assert [r["answer"] for r in rows] == ["$3$", "$(1,2)$, $(2,1)$"]
+    assert [r["answer"] for r in rows] == ["3", "(1,2), (2,1)"]
     assert [r["reason"] for r in rejected] == ["no gold answer in field 'final_answer'"]
 
 
