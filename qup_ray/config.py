@@ -408,22 +408,34 @@ class BenchmarkConfig(StrictModel):
 
 
 class EvaluationConfig(StrictModel):
-    """Stage `eval`: Avg@k of every trained model on every benchmark."""
+    """Stage `eval`: Avg@k, pass@k and maj@k of every trained model and every base student on
+    every benchmark (`qup_ray.metrics`), k samples per problem with the student's prompt."""
+
+    THROUGHPUT: ClassVar[frozenset[str]] = frozenset({"shard_size"})
 
     benchmarks: dict[str, BenchmarkConfig]
-    """Benchmarks by name (MATH500, AIME24, AMC23, Minerva Math, OlympiadBench in the paper)."""
+    """Benchmarks by name (MATH500, AIME24, AMC23, Minerva Math, OlympiadBench in the paper);
+    the name is the per-sample table's file name, `eval/<cell>/<benchmark>.parquet`."""
     num_samples: int = Field(16, gt=0)
-    """k of Avg@k: samples per problem."""
+    """k of Avg@k: samples per problem (16 in the paper). pass@k is reported for k in 1, 2, 4,
+    8, 16 up to this."""
     temperature: float = Field(1.0, ge=0)
-    """Sampling temperature."""
+    """Sampling temperature (1.0 in the paper)."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling."""
     max_new_tokens: int = Field(4096, gt=0)
-    """Generation limit."""
+    """Generation limit (4096 in the paper), lowered per request where prompt + generation
+    would exceed the engine's context; samples cut at it count in `truncation_rate`."""
     seed: int = 0
-    """Sampling seed."""
+    """Sampling seed: a problem's samples are seeded by (seed, benchmark, problem id), the same
+    for every model, so models are compared on the same random draws."""
     max_problems_per_benchmark: int | None = Field(None, gt=0)
-    """Cap for quick checks; unset evaluates every problem."""
+    """Cap for quick checks: the first N problems of each benchmark; unset evaluates every
+    problem."""
+    evaluate_base: bool = True
+    """Also evaluate every base (untrained) student: the reference cell `<student>/base/base`."""
+    shard_size: int = Field(256, gt=0)
+    """Problems per resumable shard of one (model, benchmark) unit."""
 
 
 class GradingConfig(StrictModel):
