@@ -106,20 +106,36 @@ _PHRASE_RE = re.compile(r"(?:final answer|answer)\s*(?:is|:|=)\s*:?\s*", re.IGNO
 # \{ and \} (any backslash pair) are literal characters, not grouping braces.
 _BRACE_TOKEN_RE = re.compile(r"\\.|[{}]", re.DOTALL)
 _NUMBER_RE = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:/\d+)?")
+_BOX_TOKEN_RE = re.compile(r"[^\s$]+")
 
 
-def _braced(text: str, open_at: int) -> str | None:
-    """Content of the brace group opening at `open_at`, or None when it never closes."""
+def _closing_brace(text: str, open_at: int, stop: int) -> int | None:
     depth = 0
-    for token in _BRACE_TOKEN_RE.finditer(text, open_at):
+    for token in _BRACE_TOKEN_RE.finditer(text, open_at, stop):
         brace = token.group(0)
         if brace == "{":
             depth += 1
         elif brace == "}":
             depth -= 1
             if depth == 0:
-                return text[open_at + 1 : token.start()]
+                return token.start()
     return None
+
+
+def _box_at(text: str, command_end: int, stop: int) -> tuple[str, int] | None:
+    """(content, end) of the box whose command ends at `command_end`, read no further than
+    `stop`; None when it is unbalanced there, or `\\boxed` is glued to something else."""
+    at = command_end
+    while at < stop and text[at] in " \t":
+        at += 1
+    if at < stop and text[at] == "{":
+        close = _closing_brace(text, at, stop)
+        return None if close is None else (text[at + 1 : close], close + 1)
+    if at == command_end or at >= stop:
+        return None  # "\boxed" glued to something else, or at the very end
+    # `\boxed 5`: TeX takes one token; models mean the word that follows.
+    token = _BOX_TOKEN_RE.match(text, at, stop)
+    return (token.group(0).rstrip(".,;"), token.end()) if token else None
 
 
 def last_boxed(text: str) -> str | None:
@@ -131,16 +147,8 @@ def last_boxed(text: str) -> str | None:
     matches = list(_BOX_RE.finditer(text))
     if not matches:
         return None
-    end = matches[-1].end()
-    rest = text[end:]
-    stripped = rest.lstrip(" \t")
-    if stripped.startswith("{"):
-        return _braced(text, end + len(rest) - len(stripped))
-    if len(stripped) == len(rest) or not stripped:
-        return None  # "\boxed" glued to something else, or at the very end
-    # `\boxed 5`: TeX takes one token; models mean the word that follows.
-    token = re.match(r"[^\s$]+", stripped)
-    return token.group(0).rstrip(".,;") if token else None
+    box = _box_at(text, matches[-1].end(), len(text))
+    return None if box is None else box[0]
 
 
 def _phrase_answer(text: str) -> str | None:
@@ -157,11 +165,75 @@ def _phrase_answer(text: str) -> str | None:
     return sentence.strip().strip("*").strip() or None
 
 
+MAX_ANSWER_PARTS = 16
+# What may stand between two boxes of one answer ("\\boxed{1}, \\boxed{2}", "$\\boxed{1}$ and
+# $\\boxed{-2}$"): math delimiters, spacing, commas, "and"/"or". Any other word ("but on
+# reflection", "finally") means the earlier box was a step of the work, not part of the answer.
+_GAP_RE = re.compile(
+    r"(?:\s|\$|\\[()\[\]]|[,;&]|\\\\|\\q?quad(?![A-Za-z])|\\[,;:! ]|\b(?:and|or)\b"
+    r"|\\(?:text|mathrm|textrm)\{\s*(?:and|or|,)?\s*\})*"
+)
+# "x = ", "x_1 = ", "\\alpha = " right before a box: the variable the boxed value is given for.
+_LABEL_RE = re.compile(
+    r"(?<=[\s$(\[,;{])(?P<label>(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?[A-Za-z0-9]+\}?)?)\s*=\s*\$?\s*$"
+)
+_LABEL_LOOKBACK_CHARS = 40
+
+
+def _label_before(text: str, at: int) -> re.Match[str] | None:
+    start = max(0, at - _LABEL_LOOKBACK_CHARS)
+    window = text[start:at] if start else " " + text[:at]
+    return _LABEL_RE.search(window)
+
+
+def answer_parts(text: str) -> list[str]:
+    """The boxed parts of the final answer of a solution or response, in order.
+
+    The final answer is the last box together with the boxes right before it that only
+    delimiters, commas, semicolons, "and" or "or" separate from it (`\\boxed{(2,1)},
+    \\boxed{(1,2)}`; "the roots are $\\boxed{1}$ and $\\boxed{-2}$"): at most
+    `MAX_ANSWER_PARTS` boxes. A box after other words ("\\boxed{3}, but then \\boxed{5}") is
+    the answer alone. When every part is given for a different variable (`$x = \\boxed{1}$,
+    $y = \\boxed{2}$`) the part keeps its variable (`x = 1`); repeated parts count once.
+    Empty when there is no box, or when the last one is unbalanced or empty.
+    """
+    matches = list(_BOX_RE.finditer(text))
+    if not matches:
+        return []
+    last = _box_at(text, matches[-1].end(), len(text))
+    if last is None or not last[0].strip():
+        return []
+    group = [(matches[-1].start(), last[0].strip())]
+    for match in reversed(matches[:-1]):
+        start = group[-1][0]
+        if len(group) >= MAX_ANSWER_PARTS or start - match.end() > 2 * MAX_ANSWER_CHARS:
+            break  # the bound keeps extraction linear on pathological text
+        box = _box_at(text, match.end(), start)
+        if box is None or not box[0].strip():
+            break
+        label = _label_before(text, start)
+        gap_end = start if label is None else max(box[1], start - len(label.group(0)))
+        if not _GAP_RE.fullmatch(text, box[1], gap_end):
+            break
+        group.append((match.start(), box[0].strip()))
+    group.reverse()
+    labels = [_label_before(text, start) for start, _ in group]
+    names = [label["label"] if label else None for label in labels]
+    keep_labels = len(group) > 1 and None not in names and len(set(names)) == len(names)
+    parts: list[str] = []
+    for name, (_, content) in zip(names, group, strict=True):
+        part = f"{name} = {content}" if keep_labels and "=" not in content else content
+        if part not in parts:
+            parts.append(part)
+    return parts
+
+
 def extract_answer(response: str, *, lenient: bool = False) -> Extraction:
-    """The final answer of a response: last boxed; lenient mode adds phrase and last number."""
-    boxed = last_boxed(response)
-    if boxed is not None and boxed.strip():
-        return Extraction(boxed.strip(), "boxed")
+    """The final answer of a response: its boxed parts (`answer_parts`, joined with ", ");
+    lenient mode adds "the answer is X" and then the last number."""
+    parts = answer_parts(response)
+    if parts:
+        return Extraction(", ".join(parts), "boxed")
     if lenient:
         phrase = _phrase_answer(response)
         if phrase:
@@ -173,9 +245,9 @@ def extract_answer(response: str, *, lenient: bool = False) -> Extraction:
 
 
 def gold_from_solution(solution: str) -> str | None:
-    """The gold answer of a NuminaMath solution: its last `\\boxed{}`, None if it has none."""
-    boxed = last_boxed(solution)
-    return boxed.strip() if boxed is not None and boxed.strip() else None
+    """The gold answer of a NuminaMath solution: its final boxed parts (`answer_parts`) joined
+    with ", " (the last `\\boxed{}` when it has one), None if it has none."""
+    return ", ".join(answer_parts(solution)) or None
 
 
 # --- screening and normalisation --------------------------------------------------------------
@@ -215,17 +287,52 @@ _GOLD_CHOICE_RE = re.compile(_CHOICE_OPEN + r"\)?\s*\}?\s*")
 _OTHER_LETTER_RE = re.compile(r"(?<![A-Za-z\\])[A-E](?![A-Za-z])")
 
 
+# A number written with thousands separators other than commas (`1 000`, `14{,}916`, `1\,000`).
+_THOUSANDS_RE = re.compile(
+    r"(?<![\d.])\d{1,3}(?:(?:\\[,;! ]|\{,\}|~| |\u2009|\u202f)\d{3})+(?![\d])"
+)
+_THOUSANDS_SEP_RE = re.compile(r"\\[,;! ]|\{,\}|~| |\u2009|\u202f")
+# `\text{28\%}`: a number (maybe a percentage) hidden from the parser in a text box.
+_TEXT_NUMBER_RE = re.compile(r"\\(?:text|textrm|mathrm)\{\s*([-+]?\d+(?:\.\d+)?\s*\\?%?)\s*\}")
+_NEQ_SPELLINGS_RE = re.compile(r"!=|≠|\\not\s*=|\\ne(?![A-Za-z])")
+_RELATION_RE = re.compile(r"\\(?:le|ge)(?:q(?:slant)?)?(?![A-Za-z])|<=|>=|≤|≥|<|>")
+_VARIABLE_RE = re.compile(r"(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?[A-Za-z0-9]+\}?)?")
+
+
+def _chain_to_interval(text: str) -> str:
+    """`-2 \\le x \\le 7` as `[-2, 7]` (`a < x \\le b` as `(a, b]`, `7 \\ge x > -2` likewise):
+    math-verify parses a chained inequality as a conjunction that it never equates with the
+    interval. Anything else is returned unchanged."""
+    pieces = _RELATION_RE.split(text)
+    if len(pieces) != 3:
+        return text
+    low, var, high = (piece.strip() for piece in pieces)
+    relations = _RELATION_RE.findall(text)
+    less = [rel[0] in "<≤" or rel.startswith("\\le") for rel in relations]
+    if less[0] != less[1] or not _VARIABLE_RE.fullmatch(var) or not low or not high:
+        return text
+    if any(mark in low + high for mark in ",=;"):
+        return text
+    strict = [rel in "<>" for rel in relations]
+    if not less[0]:
+        low, high, strict = high, low, strict[::-1]
+    return f"{'(' if strict[0] else '['}{low}, {high}{')' if strict[1] else ']'}"
+
+
 def _tidy(answer: str) -> str:
-    """Normalise what math-verify's LaTeX normaliser misses (thin-space thousands, √, ∅)."""
+    """Normalise what math-verify's LaTeX normaliser misses: thousands separators other than
+    commas, √, ∅, a number in `\\text{}`, spellings of ≠, chained inequalities."""
     text = answer.strip()
     for opener, closer in _DELIMITERS:
         if text.startswith(opener) and text.endswith(closer) and len(text) > 2 * len(opener):
             text = text[len(opener) : -len(closer)].strip()
             break
-    text = re.sub(r"(?<=\d)(?:\\,|\{,\}|\\ )(?=\d{3}\b)", "", text)
+    text = _THOUSANDS_RE.sub(lambda m: _THOUSANDS_SEP_RE.sub("", m.group(0)), text)
     text = re.sub(r"√\s*(\d+(?:\.\d+)?|[A-Za-z])", r"\\sqrt{\1}", text)
     text = text.replace("\\varnothing", "\\emptyset")
-    return text.rstrip(".,;").strip()
+    text = _TEXT_NUMBER_RE.sub(r"\1", text)
+    text = _NEQ_SPELLINGS_RE.sub(r"\\neq ", text)
+    return _chain_to_interval(text.rstrip(".,;").strip())
 
 
 def _choice_letter(text: str) -> str | None:
@@ -245,8 +352,8 @@ def gold_text(answer: str | Sequence[str]) -> str:
     items = [answer] if isinstance(answer, str) else [str(item) for item in answer]
     parts = []
     for item in items:
-        boxed = last_boxed(item) if "\\boxed" in item or "\\fbox" in item else None
-        parts.append(_tidy(boxed if boxed is not None else item))
+        boxed = answer_parts(item) if "\\boxed" in item or "\\fbox" in item else []
+        parts.append(_tidy(", ".join(boxed) if boxed else item))
     return ", ".join(part for part in parts if part)
 
 
@@ -391,13 +498,15 @@ def _canonical(text: str) -> str:
 
 _SIMPLE_NUMBER_RE = re.compile(
     r"(?P<sign>[-+]?)\s*(?:(?P<int>\d+)|(?P<dec>\d*\.\d+)"
-    r"|\\[dt]?frac\{(?P<num>\d+)\}\{(?P<den>\d+)\}|(?P<snum>\d+)/(?P<sden>\d+))"
+    r"|\\[dt]?frac\s*(?:\{(?P<num>\d+)\}|(?P<num1>\d))\s*(?:\{(?P<den>\d+)\}|(?P<den1>\d))"
+    r"|(?P<snum>\d+)/(?P<sden>\d+))"
 )
 
 
 def _simple_number(text: str) -> tuple[Fraction, bool] | None:
     """(exact value, whether it is exact i.e. not a decimal) of an integer, decimal or
-    integer fraction such as `-12`, `0.75`, `\\frac{3}{4}`, `3/4`; None for anything else."""
+    integer fraction such as `-12`, `0.75`, `\\frac{3}{4}`, `\\frac34`, `3/4`; None for
+    anything else."""
     match = _SIMPLE_NUMBER_RE.fullmatch(text.strip())
     if match is None:
         return None
@@ -406,7 +515,10 @@ def _simple_number(text: str) -> tuple[Fraction, bool] | None:
         return sign * Fraction(int(match["int"])), True
     if match["dec"] is not None:
         return sign * Fraction(match["dec"]), False
-    num, den = (match["num"], match["den"]) if match["num"] else (match["snum"], match["sden"])
+    if match["snum"] is not None:
+        num, den = match["snum"], match["sden"]
+    else:
+        num, den = match["num"] or match["num1"], match["den"] or match["den1"]
     if int(den) == 0:
         return None
     return sign * Fraction(int(num), int(den)), True
@@ -483,11 +595,188 @@ def quick_verdict(gold: str, answer: str) -> bool | None:
     return same
 
 
+# --- answers with structure: systems, "≠", rounded decimals ------------------------------------
+# Explicit rules that decide before math-verify where it is silent or too lenient:
+# - a system (`k = 45, n = 2`: values for different variables) is right when each variable's
+#   value is right. Against an unlabelled tuple or list the values pair in the order written:
+#   math-verify compares such lists as sets, so `(2, 45)` passed for `k = 45, n = 2`. Indexed
+#   labels of one variable (`x_1 = 2, x_2 = 3`, the roots of an equation) are left to it;
+# - `x \neq a` against `x \neq b` compares a and b (math-verify raises on `≠`);
+# - a decimal with at least MIN_ROUNDED_DIGITS decimal places and significant digits counts as
+#   an exact rational gold value when it is that value correctly rounded (|d - x| <= half a unit
+#   of its last place), alone or element by element in a tuple, interval or matrix:
+#   `(0.6, 2.6667]` for `(\frac35, \frac83]`. math-verify compares at 6 places instead.
+
+MIN_ROUNDED_DIGITS = 4
+_ASSIGNMENT_RE = re.compile(rf"(?P<label>{_VARIABLE_RE.pattern})\s*=\s*(?P<value>[^=<>]+)")
+_NEQ_RE = re.compile(rf"(?P<label>{_VARIABLE_RE.pattern})\s*\\neq\s*(?P<value>[^=<>]+)")
+_DECIMAL_RE = re.compile(r"[-+]?\s*(\d*)\.(\d+)")
+_MATRIX_RE = re.compile(r"\\begin\{([pbB]?matrix)\}(.*)\\end\{\1\}", re.DOTALL)
+
+
+def _split_top_level(text: str) -> list[str]:
+    """`text` split at the commas and semicolons outside brackets, items stripped."""
+    items, depth, start = [], 0, 0
+    for at, char in enumerate(text):
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif char in ",;" and depth == 0:
+            items.append(text[start:at].strip())
+            start = at + 1
+    items.append(text[start:].strip())
+    return items
+
+
+def _enclosed(text: str) -> bool:
+    """Whether the bracket opening `text` closes at its last character."""
+    depth = 0
+    for at, char in enumerate(text):
+        depth += (char in "([{") - (char in ")]}")
+        if depth == 0:
+            return at == len(text) - 1
+    return False
+
+
+def _assignments(text: str) -> list[tuple[str, str]] | None:
+    """[(variable, value), ...] of a system such as `x = 1, y = 2` (different variables)."""
+    matches = [_ASSIGNMENT_RE.fullmatch(item) for item in _split_top_level(text)]
+    if len(matches) < 2 or None in matches:
+        return None
+    pairs = [(re.sub(r"[{}\s]", "", m["label"]), m["value"].strip()) for m in matches if m]
+    return pairs if len({label for label, _ in pairs}) == len(pairs) else None
+
+
+def _tuple_items(text: str, *, bare: bool) -> list[str] | None:
+    """The items of a tuple `(1, 2)` (or, when `bare`, of a list `1, 2`), none with `=`."""
+    text = _SIZING_RE.sub("", text).strip()
+    if text.startswith("(") and text.endswith(")") and _enclosed(text):
+        text = text[1:-1]
+    elif not bare:
+        return None
+    items = _split_top_level(text)
+    return items if len(items) > 1 and all(item and "=" not in item for item in items) else None
+
+
+def _system_verdict(gold: str, answer: str) -> tuple[bool | None, str] | None:
+    """The verdict of the system rule, or None where it does not apply."""
+    gold_pairs, answer_pairs = _assignments(gold), _assignments(answer)
+    if gold_pairs and answer_pairs:
+        given = dict(answer_pairs)
+        if set(given) != {label for label, _ in gold_pairs}:
+            return None
+        pairs = [(value, given[label]) for label, value in gold_pairs]
+    elif gold_pairs or answer_pairs:
+        labelled = gold_pairs or answer_pairs or []
+        if len({label.split("_")[0] for label, _ in labelled}) < len(labelled):
+            return None  # x_1, x_2: solutions of one equation, in no particular order
+        # A labelled gold pairs with a bare list too; a labelled answer only with a tuple (a
+        # bare gold list may be a set of solutions).
+        values = _tuple_items(answer, bare=True) if gold_pairs else _tuple_items(gold, bare=False)
+        if values is None or len(values) != len(labelled):
+            return None
+        if gold_pairs:
+            pairs = [(value, item) for (_, value), item in zip(labelled, values, strict=True)]
+        else:
+            pairs = [(item, value) for item, (_, value) in zip(values, labelled, strict=True)]
+    else:
+        return None
+    verdicts = [_same_value(gold_value, value) for gold_value, value in pairs]
+    if False in verdicts:
+        return False, "ok"
+    return (True, "ok") if None not in verdicts else (None, "parse_error")
+
+
+def _neq_verdict(gold: str, answer: str) -> tuple[bool | None, str] | None:
+    """`x \\neq a` against `x \\neq b`: the verdict on a against b; None where it does not apply."""
+    gold_match, answer_match = _NEQ_RE.fullmatch(gold), _NEQ_RE.fullmatch(answer)
+    if gold_match is None or answer_match is None or gold_match["label"] != answer_match["label"]:
+        return None
+    same = _same_value(gold_match["value"], answer_match["value"])
+    return (same, "ok") if same is not None else (None, "parse_error")
+
+
+def _number_items(text: str) -> tuple[str, list[str]] | None:
+    """(shape, items) of a number, a tuple or interval, or a matrix, for the rounding rule."""
+    text = _tidy(text)
+    matrix = _MATRIX_RE.fullmatch(text)
+    if matrix:
+        rows = [row.split("&") for row in re.split(r"\\\\", matrix[2]) if row.strip()]
+        return f"matrix {[len(row) for row in rows]}", [item for row in rows for item in row]
+    bracketed = _BRACKETED_RE.fullmatch(_canonical(text))
+    if bracketed and bracketed[1] != "\\{":  # sets: no order to pair elements by
+        return bracketed[1] + bracketed[3], bracketed[2].split(",")
+    return "", [text]
+
+
+def _rounds_to(gold_item: str, answer_item: str) -> bool:
+    gold_number, answer_number = _simple_number(gold_item), _simple_number(answer_item)
+    if gold_number is None or answer_number is None:
+        return False
+    if gold_number[0] == answer_number[0]:
+        return True
+    decimal = _DECIMAL_RE.fullmatch(answer_item.strip())
+    if not gold_number[1] or decimal is None:
+        return False  # only an exact gold value is rounded
+    places, digits = len(decimal[2]), len((decimal[1] + decimal[2]).lstrip("0"))
+    error = abs(answer_number[0] - gold_number[0])
+    return min(places, digits) >= MIN_ROUNDED_DIGITS and 2 * error * 10**places <= 1
+
+
+def rounded_match(gold: str, answer: str) -> bool:
+    """True when `answer` writes the exact rational value(s) of `gold` as decimals rounded to
+    at least MIN_ROUNDED_DIGITS places (see the rules above), in the same shape."""
+    gold_items, answer_items = _number_items(gold), _number_items(answer)
+    if gold_items is None or answer_items is None or gold_items[0] != answer_items[0]:
+        return False
+    if len(gold_items[1]) != len(answer_items[1]):
+        return False
+    return all(_rounds_to(g, a) for g, a in zip(gold_items[1], answer_items[1], strict=True))
+
+
+def _same_value(gold: str, answer: str) -> bool | None:
+    """Verdict on one value of a structured answer against the gold's (None: cannot verify)."""
+    gold, answer = _tidy(gold), _tidy(answer)
+    if not gold or not answer or screen_answer(gold) or screen_answer(answer):
+        return None
+    same = quick_verdict(gold, answer)
+    if same is not None:
+        return same
+    if rounded_match(gold, answer):
+        return True
+    parsed, refused = _parse_latex(gold)
+    return None if refused or not parsed else _verified(parsed, answer)[0]
+
+
+def _verified(gold_parsed: Sequence[Any], answer: str) -> tuple[bool | None, str]:
+    """math-verify's verdict on an answer against a parsed gold answer."""
+    predicted, refused = _parse_latex(answer)
+    if refused or not predicted:
+        return None, "parse_error"
+    try:
+        same, refused = _guarded(
+            verify, list(gold_parsed), list(predicted), timeout_seconds=None, raise_on_error=True
+        )
+    except Exception:  # sympy raising on a comparison means "cannot verify", not "wrong"
+        logger.debug("comparison failed: %r vs %r", gold_parsed, answer, exc_info=True)
+        return None, "parse_error"
+    if refused:
+        return None, "parse_error"
+    if same:
+        return True, "ok"
+    if _has_math(gold_parsed) and _has_math(predicted):
+        return False, "ok"
+    return None, "parse_error"
+
+
 def compare(gold: Gold, answer: str) -> tuple[bool | None, str]:
     """(correct, status) of an extracted answer against a parsed gold answer.
 
-    An answer that math-verify cannot turn into mathematics only counts when it is the gold
-    string itself; otherwise it is ("parse_error"), never a silent wrong.
+    Plain numbers and identical text are settled exactly (`quick_verdict`), then the explicit
+    rules above (multiple choice, rounded decimals, systems, ≠), then math-verify. An answer
+    that math-verify cannot turn into mathematics only counts when it is the gold string
+    itself; otherwise it is ("parse_error"), never a silent wrong.
     """
     if gold.error:
         return None, "parse_error"
@@ -501,23 +790,13 @@ def compare(gold: Gold, answer: str) -> tuple[bool | None, str]:
     answer = _tidy(answer)
     if gold.choice and (letter := _choice_letter(answer)):
         return letter == gold.choice, "ok"
-    predicted, refused = _parse_latex(answer)
-    if refused or not predicted:
-        return None, "parse_error"
-    try:
-        same, refused = _guarded(
-            verify, list(gold.parsed), list(predicted), timeout_seconds=None, raise_on_error=True
-        )
-    except Exception:  # sympy raising on a comparison means "cannot verify", not "wrong"
-        logger.debug("comparison failed: %r vs %r", gold.text, answer, exc_info=True)
-        return None, "parse_error"
-    if refused:
-        return None, "parse_error"
-    if same:
+    if rounded_match(gold.text, answer):
         return True, "ok"
-    if _has_math(gold.parsed) and _has_math(predicted):
-        return False, "ok"
-    return None, "parse_error"
+    for rule in (_system_verdict, _neq_verdict):
+        verdict = rule(gold.text, answer)
+        if verdict is not None:
+            return verdict
+    return _verified(gold.parsed, answer)
 
 
 def check(gold: Gold | str | Sequence[str], response: str, *, lenient: bool = False) -> GradeResult:
