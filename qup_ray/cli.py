@@ -135,10 +135,17 @@ def status(run_dir: Annotated[Path, typer.Argument(help="<output_dir>/<experimen
         )
     cfg = load_config(cfg_path)
     rows = RunDir(run_dir).status(cfg)
+    jobs = {}
+    if (run_dir / "grid" / "jobs.json").is_file():
+        from qup_ray.grid import job_states
+
+        jobs = {path: f"{jid} {state}" for path, (jid, state) in job_states(run_dir).items()}
     width = max(len(r["path"]) for r in rows)
-    typer.echo(f"{'PATH'.ljust(width)}  {'STATE':8}  DETAIL")
+    job_width = max([len(j) for j in jobs.values()] + [3])
+    typer.echo(f"{'PATH'.ljust(width)}  {'STATE':8}  {'JOB'.ljust(job_width)}  DETAIL")
     for r in rows:
-        typer.echo(f"{r['path'].ljust(width)}  {r['state']:8}  {r['detail']}")
+        job = jobs.get(r["path"], "-").ljust(job_width)
+        typer.echo(f"{r['path'].ljust(width)}  {r['state']:8}  {job}  {r['detail']}")
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
@@ -150,19 +157,43 @@ def grid(
     config: ConfigOpt,
     cluster: Annotated[Path, typer.Option(help="Cluster YAML (configs/clusters/*.yaml).")],
     plan: Annotated[
-        bool, typer.Option(help="Print jobs and dependencies, submit nothing.")
+        bool,
+        typer.Option(help="Print jobs, resources, dependencies and GPU-hours; submit nothing."),
     ] = False,
+    wait: Annotated[
+        bool | None,
+        typer.Option(help="Wait for the jobs to finish (default: only with a local executor)."),
+    ] = None,
+    stages: Annotated[
+        str | None,
+        typer.Option(help="Only these stages, comma-separated (e.g. problems,rollouts)."),
+    ] = None,
     overrides: Overrides = None,
 ) -> None:
-    """Submit the model x stream x objective grid to SLURM through submitit."""
+    """The model x stream x objective grid as SLURM jobs through submitit: data stages, one
+    training and one evaluation job per cell, the report; finished cells are not resubmitted."""
     from qup_ray.config import load_cluster_config
+    from qup_ray.grid import launch
+    from qup_ray.stages import STAGE_ORDER
 
-    load_config(config, overrides or [])
-    load_cluster_config(cluster)
-    if importlib.util.find_spec("qup_ray.launch") is None:
-        raise NotBuilt("the SLURM grid launcher is not built yet in this version of qup_ray")
-    launch = importlib.import_module("qup_ray.launch")
-    launch.main(config=config, cluster=cluster, plan=plan, overrides=overrides or [])
+    cfg = load_config(config, overrides or [])
+    cluster_cfg = load_cluster_config(cluster)
+
+    def progress(name: str, job_id: str, state: str) -> None:
+        typer.echo(f"{job_id or '-':>12}  {state:<18} {name}", err=True)
+
+    only = [s.strip() for s in stages.split(",")] if stages else None
+    if unknown := [s for s in only or [] if s not in STAGE_ORDER]:
+        raise ConfigError([f"--stages: not stages {unknown}; one of {', '.join(STAGE_ORDER)}"])
+    result = launch(cfg, cluster_cfg, plan_only=plan, wait=wait, progress=progress, stages=only)
+    typer.echo(result.plan_text)
+    if plan:
+        return
+    typer.echo(f"submitted {len(result.job_ids)} jobs; ids and plan in {result.run_dir / 'grid'}")
+    if result.states and not result.ok:
+        failed = sorted(n for n, s in result.states.items() if s != "COMPLETED")
+        typer.echo(f"not completed: {', '.join(failed)}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -82,7 +82,7 @@ SelectTypeParameters=CR_CPU_Memory
 DefMemPerCPU=1024
 ReturnToService=2
 SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=1
+SchedulerParameters=bf_interval=1,kill_invalid_depend
 MinJobAge=300
 KillWait=5
 JobRequeue=1

@@ -1,0 +1,208 @@
+"""The grid as jobs: one per data stage, one per training and evaluation cell, and the report.
+
+    problems -> rollouts -> streams -> score ------------------------------> report
+                               \\-> train/<cell> (array) -> eval/<cell> (array) -/
+    eval/<student>/base/base (the untrained students) -------------------------/
+
+A job is finished when every folder it writes has its `_manifest.json`; finished jobs are left
+out of a submission and nothing waits for them, so a rerun after a failure submits only what is
+missing. Resources come from the cluster YAML (defaults, then `stages.<stage>`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from qup_ray.config import ClusterConfig, ExperimentConfig
+from qup_ray.grid.estimate import problem_set_size, stage_gpu_hours, throughputs
+from qup_ray.rundir import MANIFEST, train_cells
+
+DATA_STAGES = ("problems", "rollouts", "streams", "score")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one job asks SLURM for."""
+
+    nodes: int
+    gpus_per_node: int
+    cpus_per_node: int
+    mem_gb: float
+    timeout_min: int
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def describe(self) -> str:
+        return (
+            f"{self.nodes}n x {self.gpus_per_node}gpu {self.cpus_per_node}cpu "
+            f"{self.mem_gb:g}GB {self.timeout_min}min"
+        )
+
+
+@dataclass
+class Job:
+    """One SLURM job: a stage (restricted to one cell for train and eval) and what it writes."""
+
+    name: str
+    """`problems`, ..., `train/<student>/<stream>/<objective>`, `eval/<cell>`, `report`."""
+    stage: str
+    cells: list[str] | None
+    outputs: list[str]
+    """Run-dir-relative folders; the job is finished when each holds a manifest."""
+    depends_on: list[str]
+    """Names of the jobs (of this submission) that must succeed first."""
+    resources: Resources
+    gpu_hours: float
+    array: str | None = None
+    """Jobs with the same array name share a shape and are submitted as one SLURM array."""
+    done: bool = False
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GridPlan:
+    """Every job of a grid (finished ones marked), and where the estimate's figures came from."""
+
+    jobs: list[Job]
+    rate_sources: dict[str, str] = field(default_factory=dict)
+    rates: dict[str, float] = field(default_factory=dict)
+    problem_set: int = 0
+    problem_set_measured: bool = False
+
+    @property
+    def pending(self) -> list[Job]:
+        return [j for j in self.jobs if not j.done]
+
+    def gpu_hours_by_stage(self, pending_only: bool = False) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for j in self.pending if pending_only else self.jobs:
+            out[j.stage] = out.get(j.stage, 0.0) + j.gpu_hours
+        return out
+
+
+def stage_resources(cluster: ClusterConfig, stage: str) -> Resources:
+    """The cluster's defaults with the stage's overrides."""
+    over = cluster.stages.get(stage)
+
+    def pick(name: str):
+        value = getattr(over, name, None) if over is not None else None
+        return getattr(cluster, name) if value is None else value
+
+    return Resources(
+        nodes=over.nodes if over is not None else 1,
+        gpus_per_node=pick("gpus_per_node"),
+        cpus_per_node=pick("cpus_per_node"),
+        mem_gb=pick("mem_gb"),
+        timeout_min=pick("timeout_min"),
+    )
+
+
+def _data_outputs(cfg: ExperimentConfig, stage: str) -> list[str]:
+    students, streams = list(cfg.students), cfg.stream_names()
+    if stage == "problems":
+        return ["problems"]
+    if stage == "rollouts":
+        rft = [f"streams/{s}/slm_rft" for s in students if "slm_rft" in streams]
+        return [*(f"rollouts/{s}" for s in students), "problem_set", *rft]
+    if stage == "streams":
+        others = [st for st in streams if st != "slm_rft"]
+        return [f"streams/{s}/{st}" for s in students for st in [*others, "final"]]
+    return [f"scores/{s}/{st}" for s in students for st in streams]
+
+
+def grid_cells(cfg: ExperimentConfig) -> list[str]:
+    """Training cells "student/stream/objective", in grid order."""
+    objectives = train_cells(cfg)
+    return [f"{s}/{st}/{o}" for s in cfg.students for st in cfg.stream_names() for o in objectives]
+
+
+def base_cells(cfg: ExperimentConfig) -> list[str]:
+    """Evaluation cells of the untrained students."""
+    return [f"{s}/base/base" for s in cfg.students]
+
+
+def plan_grid(
+    cfg: ExperimentConfig,
+    cluster: ClusterConfig,
+    run_root: Path | None = None,
+    stages: list[str] | None = None,
+) -> GridPlan:
+    """Expand `cfg` into the jobs of its grid; jobs whose outputs are finished are marked done.
+
+    `stages` keeps only the jobs of those stages (the others are taken as run elsewhere: no job
+    waits for them)."""
+    root = Path(run_root) if run_root is not None else cfg.run_dir
+    rates = throughputs(cluster)
+    ps = problem_set_size(cfg, cluster, root)
+    jobs: dict[str, Job] = {}
+
+    def add(name: str, stage: str, cells, outputs, deps, array=None) -> None:
+        res = stage_resources(cluster, stage)
+        hours = stage_gpu_hours(stage, cfg, cluster, rates, ps) if res.gpus else 0.0
+        done = all((root / o / MANIFEST).is_file() for o in outputs)
+        jobs[name] = Job(name, stage, cells, outputs, deps, res, hours, array, done)
+
+    previous: list[str] = []
+    for stage in DATA_STAGES:
+        add(stage, stage, None, _data_outputs(cfg, stage), previous)
+        previous = [stage]
+    for cell in grid_cells(cfg):
+        add(f"train/{cell}", "train", [cell], [f"train/{cell}"], ["streams"], array="train")
+        add(f"eval/{cell}", "eval", [cell], [f"eval/{cell}"], [f"train/{cell}"], array="eval")
+    for cell in base_cells(cfg):
+        add(f"eval/{cell}", "eval", [cell], [f"eval/{cell}"], ["problems"], array="eval-base")
+    add("report", "report", None, ["report"],
+        ["score", *(n for n, j in jobs.items() if j.stage == "eval")])  # fmt: skip
+    # A job must rerun when something it depends on reruns (its inputs change).
+    for job in jobs.values():
+        if job.done and any(not jobs[d].done for d in job.depends_on):
+            job.done = False
+    if stages is not None:
+        jobs = {n: j for n, j in jobs.items() if j.stage in stages}
+    for job in jobs.values():
+        job.depends_on = [d for d in job.depends_on if d in jobs and not jobs[d].done]
+    return GridPlan(
+        list(jobs.values()), rate_sources=rates.sources, rates=rates.rates, problem_set=ps,
+        problem_set_measured=(root / "problem_set" / MANIFEST).is_file(),
+    )  # fmt: skip
+
+
+def format_plan(plan: GridPlan, cluster: ClusterConfig) -> str:
+    """The plan as text: every job with resources and dependencies, then the GPU-hour estimate."""
+    lines = [f"{'JOB':<60} {'RESOURCES':<34} {'GPU-H':>8}  DEPENDS ON"]
+    for j in plan.jobs:
+        deps = ", ".join(j.depends_on) if len(j.depends_on) <= 3 else (
+            f"{', '.join(j.depends_on[:2])} and {len(j.depends_on) - 2} more")  # fmt: skip
+        state = " (finished, not submitted)" if j.done else ""
+        array = f" [array {j.array}]" if j.array else ""
+        lines.append(
+            f"{j.name + array:<60} {j.resources.describe():<34} {j.gpu_hours:>8.1f}  "
+            f"{deps or '-'}{state}"
+        )
+    pending = plan.pending
+    lines += ["", f"{len(plan.jobs)} jobs, {len(pending)} to submit, executor {cluster.executor}"]
+    lines.append("GPU-hours by stage (estimate; all jobs / still to run):")
+    every, todo = plan.gpu_hours_by_stage(), plan.gpu_hours_by_stage(pending_only=True)
+    for stage, hours in every.items():
+        count = sum(1 for j in plan.jobs if j.stage == stage)
+        lines.append(
+            f"  {stage:<10} {hours:>10.1f} / {todo.get(stage, 0.0):>10.1f}  ({count} jobs)"
+        )
+    lines.append(f"  {'total':<10} {sum(every.values()):>10.1f} / {sum(todo.values()):>10.1f}")
+    measured = "measured (problem_set manifest)" if plan.problem_set_measured else (
+        "estimated: num_problems x estimate.problem_set_fraction")  # fmt: skip
+    lines += [
+        "The estimate: work counted from the config (problems x samples x tokens for rollouts,",
+        "traces x models for score, problem set x epochs per training cell, benchmarks x",
+        "problems x samples per evaluation cell) divided by tokens per GPU-second. Throughputs:",
+        *(f"  {k} = {plan.rates[k]:g} from {src}" for k, src in plan.rate_sources.items()),
+        f"  problem set = {plan.problem_set} problems, {measured}",
+        "  API oracles (openai backend) cost dollars (oracles.*.budget_usd), not GPU-hours;",
+        "  CPU-only jobs (0 GPUs) count 0.",
+    ]
+    return "\n".join(lines)
