@@ -294,26 +294,36 @@ _THOUSANDS_RE = re.compile(
 _THOUSANDS_SEP_RE = re.compile(r"\\[,;! ]|\{,\}|~| |\u2009|\u202f")
 # `\text{28\%}`: a number (maybe a percentage) hidden from the parser in a text box.
 _TEXT_NUMBER_RE = re.compile(r"\\(?:text|textrm|mathrm)\{\s*([-+]?\d+(?:\.\d+)?\s*\\?%?)\s*\}")
+_PERCENT_SPACING_RE = re.compile(r"(?:\\[,;:! ]|~|\s)+(?=\\%)")  # `28\,\%`
 _NEQ_SPELLINGS_RE = re.compile(r"!=|≠|\\not\s*=|\\ne(?![A-Za-z])")
 _RELATION_RE = re.compile(r"\\(?:le|ge)(?:q(?:slant)?)?(?![A-Za-z])|<=|>=|≤|≥|<|>")
 _VARIABLE_RE = re.compile(r"(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?[A-Za-z0-9]+\}?)?")
 
 
 def _chain_to_interval(text: str) -> str:
-    """`-2 \\le x \\le 7` as `[-2, 7]` (`a < x \\le b` as `(a, b]`, `7 \\ge x > -2` likewise):
-    math-verify parses a chained inequality as a conjunction that it never equates with the
-    interval. Anything else is returned unchanged."""
-    pieces = _RELATION_RE.split(text)
-    if len(pieces) != 3:
-        return text
-    low, var, high = (piece.strip() for piece in pieces)
+    """An inequality in one variable as an interval: `-2 \\le x \\le 7` as `[-2, 7]`,
+    `7 \\ge x > -2` as `(-2, 7]`, `x < 3` as `(-\\infty, 3)`. math-verify parses a chain as a
+    conjunction that it never equates with the interval, and equates `x < 3` with
+    `(-\\infty, 3)` only when the inequality is the gold. Anything else is returned unchanged."""
+    pieces = [piece.strip() for piece in _RELATION_RE.split(text)]
     relations = _RELATION_RE.findall(text)
+    if not relations or len(relations) > 2 or any(m in text for m in ",=;") or not all(pieces):
+        return text
     less = [rel[0] in "<≤" or rel.startswith("\\le") for rel in relations]
-    if less[0] != less[1] or not _VARIABLE_RE.fullmatch(var) or not low or not high:
-        return text
-    if any(mark in low + high for mark in ",=;"):
-        return text
     strict = [rel in "<>" for rel in relations]
+    if len(relations) == 1:  # one side is the variable, the other the bound
+        left_is_var, right_is_var = (bool(_VARIABLE_RE.fullmatch(p)) for p in pieces)
+        if left_is_var == right_is_var:
+            return text
+        if left_is_var:  # `x < 3` reads as `-\infty < x < 3`
+            pieces, less, strict = ["", *pieces], less * 2, [True, *strict]
+        else:
+            pieces, less, strict = [*pieces, ""], less * 2, [*strict, True]
+        infinity = ("-\\infty", "\\infty") if less[0] else ("\\infty", "-\\infty")
+        pieces = [pieces[0] or infinity[0], pieces[1], pieces[2] or infinity[1]]
+    low, var, high = pieces
+    if less[0] != less[1] or not _VARIABLE_RE.fullmatch(var):
+        return text
     if not less[0]:
         low, high, strict = high, low, strict[::-1]
     return f"{'(' if strict[0] else '['}{low}, {high}{')' if strict[1] else ']'}"
@@ -331,6 +341,7 @@ def _tidy(answer: str) -> str:
     text = re.sub(r"√\s*(\d+(?:\.\d+)?|[A-Za-z])", r"\\sqrt{\1}", text)
     text = text.replace("\\varnothing", "\\emptyset")
     text = _TEXT_NUMBER_RE.sub(r"\1", text)
+    text = _PERCENT_SPACING_RE.sub("", text)
     text = _NEQ_SPELLINGS_RE.sub(r"\\neq ", text)
     return _chain_to_interval(text.rstrip(".,;").strip())
 

@@ -12,9 +12,11 @@ import yaml
 from qup_ray import answers
 from qup_ray.answers import (
     MAX_ANSWER_CHARS,
+    MAX_ANSWER_PARTS,
     Extraction,
     Gold,
     GradeResult,
+    answer_parts,
     check,
     eval_guard,
     extract_answer,
@@ -34,9 +36,14 @@ def _response(case: dict) -> str:
     return "Some reasoning first.\n\nThe final answer is $\\boxed{" + case["boxed"] + "}$."
 
 
+def _gold(case: dict) -> str | list[str]:
+    """A case's gold answer: given, or the final boxes of its NuminaMath `solution`."""
+    return case["gold"] if "gold" in case else gold_from_solution(case["solution"]) or ""
+
+
 def _case_id(case: dict) -> str:
     answer = case.get("boxed", case.get("response", ""))
-    return f"{case['gold']!s:.25}|{answer:.35}|{case.get('lenient', False)}"
+    return f"{_gold(case)!s:.25}|{answer:.35}|{case.get('lenient', False)}"
 
 
 def test_table_is_large_and_covers_every_verdict() -> None:
@@ -45,9 +52,20 @@ def test_table_is_large_and_covers_every_verdict() -> None:
     assert sum(case.get("lenient", False) for case in CASES) >= 10
 
 
+def test_table_covers_answers_with_several_parts() -> None:
+    """Issue 19: at least 60 cases of several boxes, sets and systems, number formats and
+    relations, each kind with right answers and their wrong twins."""
+    kinds = {"multi_box", "set_system", "number_format", "relation"}
+    new = [case for case in CASES if "kind" in case]
+    assert len(new) >= 60 and {case["kind"] for case in new} == kinds
+    for kind in kinds:
+        verdicts = [case["expected"] for case in new if case["kind"] == kind]
+        assert verdicts.count(False) >= verdicts.count(True) - 1 >= 5, kind
+
+
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_table_case(case: dict) -> None:
-    result = check(case["gold"], _response(case), lenient=case.get("lenient", False))
+    result = check(_gold(case), _response(case), lenient=case.get("lenient", False))
     assert result.correct is case["expected"], result
     assert (result.status == "ok") is (result.correct is not None)
     if "mode" in case:
@@ -110,6 +128,46 @@ def test_gold_from_numinamath_solution() -> None:
     assert gold_from_solution(solution) == "\\frac{9}{4}"
     assert gold_from_solution("A proof with no final answer.") is None
     assert gold_from_solution("\\boxed{}") is None
+    several = "The pairs are $\\boxed{(2,1)}, \\boxed{(1,2)}, \\boxed{(-1,-20)}$."
+    assert gold_from_solution(several) == "(2,1), (1,2), (-1,-20)"
+
+
+@pytest.mark.parametrize(
+    ("text", "parts"),
+    [
+        ("\\boxed{5}", ["5"]),
+        ("$\\boxed{1}$ and $\\boxed{-2}$.", ["1", "-2"]),
+        ("\\boxed{1}, \\boxed{2}; \\boxed{3} or \\fbox{4}", ["1", "2", "3", "4"]),
+        ("\\[\\boxed{1}\\]\n\n\\[\\boxed{2}\\]", ["1", "2"]),
+        ("$\\boxed{1} \\text{ and } \\boxed{2}$", ["1", "2"]),
+        ("\\boxed{1} \\quad \\boxed{2}", ["1", "2"]),
+        ("\\boxed 5, \\boxed 6", ["5", "6"]),
+        ("First \\boxed{3}, but on reflection \\boxed{5}.", ["5"]),
+        ("\\boxed{2}, \\boxed{3} and finally \\boxed{6}", ["6"]),
+        ("$\\boxed{7}$ $\\boxed{7}$", ["7"]),
+        ("$x = \\boxed{1}$, $y = \\boxed{2}$", ["x = 1", "y = 2"]),
+        ("\\(x_1 = \\boxed{2}\\) and \\(x_2 = \\boxed{3}\\)", ["x_1 = 2", "x_2 = 3"]),
+        ("$x = \\boxed{1}$ or $x = \\boxed{-1}$", ["1", "-1"]),
+        ("$x^2 = \\boxed{4}$ and $y = \\boxed{2}$", ["4", "2"]),
+        ("$\\boxed{x = 1}, \\boxed{y = 2}$", ["x = 1", "y = 2"]),
+        ("$\\boxed{\\boxed{5}}$", ["5"]),
+        ("\\boxed{1} and \\boxed{2", []),
+        ("\\boxed{1} and \\boxed{ }", []),
+        ("\\boxed{} and \\boxed{2}", ["2"]),
+        ("no box", []),
+    ],
+)
+def test_answer_parts(text: str, parts: list[str]) -> None:
+    assert answer_parts(text) == parts
+
+
+def test_answer_parts_are_bounded_on_pathological_text() -> None:
+    many = "$\\boxed{1}$, " * 100_000 + "$\\boxed{2}$"
+    assert len(answer_parts(many)) == 2  # repeated parts count once
+    distinct = ", ".join(f"\\boxed{{{n}}}" for n in range(100_000))
+    assert answer_parts(distinct) == [str(n) for n in range(100_000 - MAX_ANSWER_PARTS, 100_000)]
+    assert answer_parts("\\boxed{" * 200_000 + "1" + "}" * 200_000) == ["1"]
+    assert extract_answer("\\boxed{1} and " + " " * 1_000_000 + "\\boxed{2}").text == "2"
 
 
 def test_gold_text_from_string_or_list() -> None:
@@ -232,7 +290,7 @@ def test_quick_verdicts_agree_with_the_parser(monkeypatch: pytest.MonkeyPatch) -
     for case in CASES:
         response = _response(case)
         extraction = extract_answer(response, lenient=case.get("lenient", False))
-        gold = Gold.parse(case["gold"])
+        gold = Gold.parse(_gold(case))
         if extraction.text and gold.error is None:
             quick = answers.quick_verdict(gold.text, extraction.text)
             if quick is not None:
