@@ -144,9 +144,8 @@ def _record(run_root: Path, plan: GridPlan, ids: dict[str, str], cluster: Cluste
 
 
 def _submit_slurm(plan: GridPlan, cfg: ExperimentConfig, cluster: ClusterConfig, folder: Path,
-                  progress: Progress | None) -> tuple[dict[str, str], dict[str, Any]]:  # fmt: skip
+                  progress: Progress | None) -> dict[str, str]:  # fmt: skip
     ids: dict[str, str] = {}
-    handles: dict[str, Any] = {}
     arrays: dict[str, list[Job]] = {}
     for unit in _submission_units(plan):
         dependency = _dependency(unit, ids, arrays)
@@ -160,12 +159,12 @@ def _submit_slurm(plan: GridPlan, cfg: ExperimentConfig, cluster: ClusterConfig,
             with executor.batch():
                 submitted = [executor.submit(_stage_job(j, cfg, cluster)) for j in part]
             for job, handle in zip(part, submitted, strict=True):
-                ids[job.name], handles[job.name] = str(handle.job_id), handle
+                ids[job.name] = str(handle.job_id)
                 if progress:
                     progress(job.name, ids[job.name], "SUBMITTED")
         if unit[0].array:
             arrays[unit[0].array] = unit
-    return ids, handles
+    return ids
 
 
 def _run_locally(plan: GridPlan, cfg: ExperimentConfig, cluster: ClusterConfig, folder: Path,
@@ -198,20 +197,25 @@ def _run_locally(plan: GridPlan, cfg: ExperimentConfig, cluster: ClusterConfig, 
     return ids, states
 
 
-def wait_for_slurm(handles: dict[str, Any], progress: Progress | None = None,
-                   poll_s: float = 5.0, timeout_s: float | None = None) -> dict[str, str]:  # fmt: skip
-    """Poll `sacct` until every job reached a final state; returns the states."""
+def wait_for_slurm(
+    job_ids: dict[str, str],
+    progress: Progress | None = None,
+    poll_s: float = 5.0,
+    timeout_s: float | None = None,
+) -> dict[str, str]:
+    """Poll `sacct` until every job (`{name: job id}`) reached a final state; returns the
+    states. A requeued job passes through PENDING again and is waited for."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     last: dict[str, str] = {}
     while True:
-        states = slurm_states([str(h.job_id) for h in handles.values()])
-        now = {name: states.get(str(h.job_id), "PENDING") for name, h in handles.items()}
+        states = slurm_states(list(job_ids.values()))
+        now = {name: states.get(jid, "PENDING").split()[0] for name, jid in job_ids.items()}
         for name, state in now.items():
             if progress and last.get(name) != state:
-                progress(name, str(handles[name].job_id), state)
+                progress(name, job_ids[name], state)
         last = now
-        if all(s.split()[0] in FINAL_STATES for s in now.values()):
-            return {k: v.split()[0] for k, v in now.items()}
+        if all(s in FINAL_STATES for s in now.values()):
+            return now
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"grid jobs still running after {timeout_s:.0f}s: {now}")
         time.sleep(poll_s)
@@ -297,11 +301,11 @@ def launch(
         logger.info("grid: every job finished earlier, nothing to submit")
         return result
     if cluster.executor == "slurm":
-        result.job_ids, handles = _submit_slurm(plan, cfg, cluster, folder, progress)
+        result.job_ids = _submit_slurm(plan, cfg, cluster, folder, progress)
         _record(run.root, plan, result.job_ids, cluster)
-        logger.info("grid: submitted %d jobs; logs in %s", len(handles), folder.parent)
+        logger.info("grid: submitted %d jobs; logs in %s", len(result.job_ids), folder.parent)
         if wait:
-            result.states = wait_for_slurm(handles, progress, timeout_s=timeout_s)
+            result.states = wait_for_slurm(result.job_ids, progress, timeout_s=timeout_s)
             _record(run.root, plan, result.job_ids, cluster, result.states)
         return result
     result.job_ids, result.states = _run_locally(plan, cfg, cluster, folder, progress, run.root)
