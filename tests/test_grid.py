@@ -228,3 +228,41 @@ def test_port_blocks_skip_ports_in_use():
         second = pick_ports("42", (30000, 31000), 100)
     assert second.base != first.base
     assert len({first.port(n) for n in ("gcs", "dashboard", "node_manager")}) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_local_executor_runs_the_jobs_and_skips_dependents_of_a_failure(tmp_path: Path):
+    """`executor: local` (the dry run's path): same jobs, own Ray cluster per job, no SLURM."""
+    from qup_ray.grid import launch
+    from qup_ray.stages import run_stage
+
+    local = load_cluster_config(CONFIGS_DIR / "clusters" / "local.yaml")
+    cfg = load_config(CONFIGS_DIR / "dryrun.yaml",
+                      [f"output_dir={tmp_path / 'grid'}", "problems.num_problems=16"])  # fmt: skip
+    seen: list[tuple[str, str]] = []
+    result = launch(cfg, local, stages=["problems"], progress=lambda n, _, s: seen.append((n, s)))
+    assert result.states == {"problems": "COMPLETED"} and result.ok
+    assert seen == [("problems", "RUNNING"), ("problems", "COMPLETED")]
+    direct = cfg.model_copy(update={"output_dir": str(tmp_path / "direct")})
+    run_stage("problems", direct)
+    got = pq_rows(tmp_path / "grid" / "dryrun" / "problems" / "problems.parquet")
+    assert got == pq_rows(tmp_path / "direct" / "dryrun" / "problems" / "problems.parquet")
+    record = json.loads((tmp_path / "grid" / "dryrun" / "grid" / "jobs.json").read_text())["jobs"]
+    assert [(r["name"], r["state"], r["job_id"]) for r in record] == [
+        ("problems", "COMPLETED", result.job_ids["problems"])
+    ]
+    assert not list(Path("/tmp").glob(f"qup-ray-{result.job_ids['problems']}"))
+
+    broken = load_config(CONFIGS_DIR / "dryrun.yaml", [
+        f"output_dir={tmp_path / 'broken'}", "problems.source.kind=local",
+        f"problems.source.path={tmp_path / 'no-such-file.parquet'}"])  # fmt: skip
+    result = launch(broken, local, stages=["problems", "rollouts"])
+    assert result.states == {"problems": "FAILED", "rollouts": "DEPENDENCY_FAILED"}
+    assert not (tmp_path / "broken" / "dryrun" / "rollouts").exists()
+
+
+def pq_rows(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return sorted(pq.read_table(path).to_pylist(), key=lambda r: r["problem_id"])
