@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -99,9 +100,9 @@ def scontrol_job(job_id: str) -> str:
 
 
 def own_ray_processes(job_id: str) -> list[int]:
-    marker = f"qup-ray-{job_id}"
+    marker = re.compile(rf"qup-ray-{job_id}(?![\w.-])")
     return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any(marker in part for part in p.info["cmdline"] or [])]  # fmt: skip
+            if any(marker.search(part) for part in p.info["cmdline"] or [])]  # fmt: skip
 
 
 @pytest.fixture(scope="session")

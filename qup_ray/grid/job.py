@@ -89,6 +89,8 @@ class StageJob:
 
         cl = self.cluster
         settings = self._node_settings(env)
+        # Ray processes of an earlier attempt of this job (killed by a requeue) may hold ports.
+        ray_cluster.stop_own_processes(settings["temp_dir"], timeout_s=5)
         ports = ray_cluster.pick_ports(env.job_id, cl.ray_port_range, cl.ray_port_block)
         node_ip = ray_cluster.node_ip_for(env.hostnames[0], env.num_nodes > 1)
         node = ray_cluster.start_node(head_address=None, node_ip=node_ip, ports=ports, **settings)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -128,13 +129,15 @@ class RayNode:
 def own_processes(temp_dir: Path, session: int | None = None) -> list[psutil.Process]:
     """Processes of session `session`, or whose command line names `temp_dir`; never ours."""
     me = os.getpid()
+    # The exact folder: `qup-ray-5` must not match the processes of job 57.
+    pattern = re.compile(re.escape(str(temp_dir)) + r"(?![\w.-])")
     found = []
     for p in psutil.process_iter(["pid", "cmdline"]):
         if p.pid == me:
             continue
         try:
             in_session = session is not None and os.getsid(p.pid) == session
-            names_dir = any(str(temp_dir) in part for part in (p.info["cmdline"] or []))
+            names_dir = any(pattern.search(part) for part in (p.info["cmdline"] or []))
         except (ProcessLookupError, PermissionError, psutil.Error):
             continue
         if in_session or names_dir:
