@@ -1,0 +1,208 @@
+"""The report's tables: per-stream quality and utility, and the rank correlations across streams.
+
+Two tables per student follow the paper's layout, so a reproduction reads side by side with it:
+- quality (one row per stream): mean score of each reward model with its 95% interval, global
+  PPL and Q1..Q4, semantic retention, token-category frequencies, and the Total Avg of every
+  objective;
+- accuracy (one per student and objective, one row per stream plus the base student): Avg@k of
+  every benchmark with its spread across samples, and Total Avg.
+Streams without a value keep their row, with the cell empty, so nothing disappears from view.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from qup_ray.report.collect import (
+    BASE,
+    QUARTERS,
+    STYLE_MEASURES,
+    ReportData,
+    acc_col,
+    spread_col,
+)
+from qup_ray.report.correlation import METHODS, bootstrap_correlation, rank_correlation
+from qup_ray.stats import bootstrap_ci
+
+logger = logging.getLogger(__name__)
+
+CORRELATION_COLUMNS = (
+    "student", "objective", "x", "y", "method", "value", "ci_low", "ci_high", "n_streams",
+)  # fmt: skip
+Y_MEASURE = "total_avg"
+
+
+@dataclass(frozen=True)
+class BootstrapSettings:
+    """How intervals are drawn: resamples, seed and level (from `ReportConfig`)."""
+
+    num_resamples: int = 1000
+    seed: int = 0
+    level: float = 0.95
+
+
+def x_measures(data: ReportData) -> list[str]:
+    """The measures correlated with Total Avg, in the order of `correlations.csv`."""
+    out = ["reward"]
+    if len(data.reward_models) > 1:
+        out += [f"reward-{rm}" for rm in data.reward_models]
+    return [*out, "ppl", *QUARTERS]
+
+
+def _problem_column(data: ReportData, student: str, measure: str) -> str:
+    """Column of the per-problem tables that holds `measure` (`reward` is the first model's)."""
+    if measure == "reward" and data.reward_models:
+        return f"reward-{data.reward_models[0]}"
+    return measure
+
+
+def _x_groups(
+    data: ReportData, student: str, streams: list[str], measure: str
+) -> list[np.ndarray] | None:
+    """(streams, problems) matrix of a measure over the problems every stream has, or None."""
+    col = _problem_column(data, student, measure)
+    frames = [data.problems.get((student, s)) for s in streams]
+    if any(f is None or col not in f.columns for f in frames):
+        return None
+    shared = sorted(set.intersection(*(set(f.index) for f in frames)))
+    if not shared:
+        return None
+    return [np.stack([f.loc[shared, col].to_numpy(np.float64) for f in frames])]
+
+
+def _y_groups(
+    data: ReportData, student: str, objective: str, streams: list[str]
+) -> list[np.ndarray] | None:
+    """One (streams, problems) accuracy matrix per benchmark, or None without per-problem rows."""
+    groups = []
+    for bench in data.benchmarks:
+        series = [data.bench_problems.get((student, s, objective, bench)) for s in streams]
+        if any(s is None for s in series):
+            return None
+        shared = sorted(set.intersection(*(set(s.index) for s in series)))
+        groups.append(np.stack([s.loc[shared].to_numpy(np.float64) for s in series]) * 100)
+    return groups or None
+
+
+def correlations(data: ReportData, settings: BootstrapSettings) -> pd.DataFrame:
+    """Spearman and Kendall of every x measure against Total Avg across streams, per student
+    and objective, with bootstrap intervals where per-problem rows exist (NaN otherwise).
+    Streams missing either value are left out of that correlation (see `n_streams`)."""
+    rows = []
+    for student in data.students:
+        for objective in data.objectives:
+            table = data.measures(student, objective)
+            for x in x_measures(data):
+                if x not in table.columns:
+                    continue
+                both = table[[x, Y_MEASURE]].dropna()
+                streams = list(both.index)
+                x_groups = _x_groups(data, student, streams, x) if len(streams) >= 2 else None
+                y_groups = _y_groups(data, student, objective, streams) if x_groups else None
+                for method in METHODS:
+                    value = (
+                        rank_correlation(both[x], both[Y_MEASURE], method)
+                        if len(streams) >= 2
+                        else np.nan
+                    )
+                    lo = hi = np.nan
+                    if x_groups and y_groups:
+                        lo, hi = bootstrap_correlation(x_groups, y_groups, method,
+                                                       settings.num_resamples, settings.seed, settings.level)  # fmt: skip
+                    rows.append(dict(zip(CORRELATION_COLUMNS, (student, objective, x, Y_MEASURE, method,
+                                                               value, lo, hi, len(streams)), strict=True)))  # fmt: skip
+    return pd.DataFrame(rows, columns=list(CORRELATION_COLUMNS))
+
+
+def _stream_value(data: ReportData, student: str, stream: str, col: str) -> float:
+    """A stream-level measure (the same for every objective): the first value present."""
+    s = data.streams
+    if col not in s.columns:
+        return np.nan
+    values = s[(s.student == student) & (s.stream == stream)][col].dropna()
+    return float(values.iloc[0]) if len(values) else np.nan
+
+
+def quality_table(data: ReportData, student: str, settings: BootstrapSettings) -> pd.DataFrame:
+    """One row per stream: reward means with 95% intervals, PPL, Q1..Q4, retention, style, and
+    the Total Avg of each objective (the paper's main table). Columns no stream has are left out."""
+    rows = []
+    rewards = [f"reward-{rm}" for rm in data.reward_models] or ["reward"]
+    for stream in data.stream_names[student]:
+        problems = data.problems.get((student, stream))
+        row: dict[str, object] = {"stream": stream}
+        row["n_problems"] = len(problems) if problems is not None else np.nan
+        for col in rewards:
+            if problems is not None and col in problems.columns:
+                values = problems[col].dropna().to_numpy()
+                row[col] = values.mean()
+                row[f"{col} ci_low"], row[f"{col} ci_high"] = bootstrap_ci(
+                    values, settings.num_resamples, settings.seed, settings.level)  # fmt: skip
+            else:
+                row[col] = _stream_value(data, student, stream, col)
+        for col in ("ppl", *QUARTERS, "retention", *STYLE_MEASURES):
+            row[col] = _stream_value(data, student, stream, col)
+        for objective in data.objectives:
+            table = data.measures(student, objective)
+            total = table[Y_MEASURE].get(stream, np.nan) if Y_MEASURE in table.columns else np.nan
+            row[f"{objective} total_avg"] = total
+        rows.append(row)
+    return pd.DataFrame(rows).dropna(axis=1, how="all")
+
+
+def accuracy_table(data: ReportData, student: str, objective: str) -> pd.DataFrame:
+    """Base student and one row per stream: Avg@k and spread per benchmark, Total Avg, and what
+    is missing (a stream not evaluated keeps its row)."""
+    table = data.measures(student, objective)
+    base = data.base_row(student)
+    rows = []
+    for stream, values in [(BASE, base), *((s, table.loc[s] if s in table.index else None)
+                                          for s in data.stream_names[student])]:  # fmt: skip
+        if stream == BASE and values is None:
+            continue
+        row: dict[str, object] = {"stream": stream}
+        absent = []
+        for bench in data.benchmarks:
+            acc = values.get(acc_col(bench), np.nan) if values is not None else np.nan
+            row[f"{bench} avg@k"] = acc
+            row[f"{bench} spread"] = (
+                values.get(spread_col(bench), np.nan) if values is not None else np.nan
+            )
+            if pd.isna(acc):
+                absent.append(bench)
+        row["total_avg"] = values.get(Y_MEASURE, np.nan) if values is not None else np.nan
+        if data.benchmarks:
+            row["status"] = (
+                "ok"
+                if not absent
+                else "missing"
+                if len(absent) == len(data.benchmarks)
+                else f"missing {', '.join(absent)}"
+            )
+        else:
+            row["status"] = "ok" if pd.notna(row["total_avg"]) else "missing"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def style_shift(data: ReportData, student: str, own: str) -> pd.DataFrame:
+    """Token-category frequency of each stream minus that of the student's own traces
+    (rows: streams other than `own`; columns: categories). Empty without style rows."""
+    own_problems = data.problems.get((student, own))
+    if own_problems is None or not set(STYLE_MEASURES) <= set(own_problems.columns):
+        return pd.DataFrame()
+    base = own_problems[list(STYLE_MEASURES)].mean()
+    rows = {}
+    for stream in data.stream_names[student]:
+        problems = data.problems.get((student, stream))
+        if stream != own and problems is not None and set(STYLE_MEASURES) <= set(problems.columns):
+            rows[stream] = problems[list(STYLE_MEASURES)].mean() - base
+    frame = pd.DataFrame(rows).T
+    frame.columns = (
+        [c.removesuffix("_freq") for c in frame.columns] if not frame.empty else frame.columns
+    )
+    return frame

@@ -1,0 +1,119 @@
+"""Write the report folder from `ReportData`: CSV tables, PNG plots, report.md and report.html.
+
+Shared by the report stage (a run directory) and `qup report --from-table` (per-stream numbers).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from qup_ray.report import plots
+from qup_ray.report.analysis import (
+    BootstrapSettings,
+    accuracy_table,
+    correlations,
+    quality_table,
+    style_shift,
+)
+from qup_ray.report.collect import OWN_STREAM, ReportData
+from qup_ray.report.render import Document
+from qup_ray.report.verdict import verdicts
+from qup_ray.rundir import write_text
+
+logger = logging.getLogger(__name__)
+
+MAX_MISSING_SHOWN = 40
+
+
+def _slug(*parts: str) -> str:
+    return "_".join(re.sub(r"[^A-Za-z0-9._-]+", "-", p) for p in parts)
+
+
+def _write_csv(out_dir: Path, name: str, df: pd.DataFrame) -> Path:
+    return write_text(out_dir / f"{name}.csv", df.to_csv(index=False))
+
+
+def _figure(doc: Document, path: Path | None, caption: str, what: str) -> None:
+    if path is None:
+        doc.add("p", f"{what}: no data yet.")
+    else:
+        doc.add("image", (path, caption))
+
+
+def build_report(
+    data: ReportData, out_dir: str | Path, settings: BootstrapSettings
+) -> dict[str, int]:
+    """Compute every table, plot and verdict of `data` into `out_dir`; returns row counts."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    corr = correlations(data, settings)
+    verdict = verdicts(data, corr, settings)
+    _write_csv(out_dir, "correlations", corr)
+    _write_csv(out_dir, "verdict", verdict)
+    _write_csv(out_dir, "streams", data.streams)
+    missing = pd.DataFrame(data.missing, columns=["what", "path", "reason"])
+    _write_csv(out_dir, "missing", missing)
+
+    doc = Document()
+    doc.add("h1", "The Quality-Utility Paradox: report")
+    doc.add("p", f"Source: {data.source}. Students: {', '.join(data.students)}. Objectives: "
+                 f"{', '.join(data.objectives)}. Benchmarks: {', '.join(data.benchmarks) or 'none listed'}. "
+                 f"Intervals: {settings.level:.0%} percentile bootstrap, {settings.num_resamples} "
+                 f"resamples, seed {settings.seed}.")  # fmt: skip
+    doc.add("h2", "Verdict")
+    for row in verdict.itertuples():
+        doc.add("verdict", f"[{row.student} / {row.objective} / {row.claim}] {row.text}")
+    doc.add("h2", "What is missing")
+    if missing.empty:
+        doc.add("p", "Nothing: every expected score, training curve and evaluation is present.")
+    else:
+        doc.add("p", f"{len(missing)} expected input(s) are absent; their rows stay in the tables "
+                     f"with empty cells (all listed in missing.csv).")  # fmt: skip
+        doc.add("table", missing.head(MAX_MISSING_SHOWN))
+
+    for student in data.students:
+        doc.add("h2", f"Student {student}")
+        quality = quality_table(data, student, settings)
+        _write_csv(out_dir, _slug("quality", student), quality)
+        doc.add("h3", "Perceived quality and adaptation cost per stream")
+        doc.add("table", quality)
+        for objective in data.objectives:
+            acc = accuracy_table(data, student, objective)
+            _write_csv(out_dir, _slug("accuracy", student, objective), acc)
+            doc.add("h3", f"Accuracy, {objective}")
+            doc.add("table", acc)
+        doc.add("h3", "Correlations across streams")
+        doc.add("table", corr[corr.student == student].drop(columns="student"))
+
+        doc.add("h3", "Plots")
+        base = out_dir / _slug(student)
+        _figure(doc, plots.ppl_vs_accuracy(data, student, Path(f"{base}_ppl_vs_accuracy.png")),
+                "Global PPL against Total Avg, labelled by stream", "PPL vs Total Avg")  # fmt: skip
+        _figure(doc, plots.quarter_ppl(data, student, Path(f"{base}_quarter_ppl.png")),
+                "PPL per quarter Q1..Q4 of the traces, per stream", "Q1..Q4 PPL")  # fmt: skip
+        _figure(doc, plots.reward_rank_vs_accuracy_rank(data, student, Path(f"{base}_reward_rank.png")),
+                "Rank by reward against rank by Total Avg (dashed: agreement)", "Reward rank vs accuracy rank")  # fmt: skip
+        shift = style_shift(data, student, OWN_STREAM)
+        if not shift.empty:
+            _write_csv(out_dir, _slug("style_shift", student), shift.reset_index(names="stream"))
+        _figure(doc, plots.style_shift_bars(shift, student, OWN_STREAM, Path(f"{base}_style_shift.png")),
+                f"Token-category frequency of each stream minus {OWN_STREAM}", "Token-category shift")  # fmt: skip
+        _figure(doc, plots.training_curves(data, student, Path(f"{base}_training_curves.png")),
+                "Cross-entropy against optimizer step, per stream", "Training curves")  # fmt: skip
+        for objective in data.objectives:
+            path = plots.benchmark_bars(
+                data, student, objective, Path(f"{base}_{_slug(objective)}_benchmarks.png")
+            )
+            _figure(doc, path, f"Avg@k per benchmark, {objective} (error bars: std across samples)",
+                    f"Per-benchmark accuracy, {objective}")  # fmt: skip
+
+    write_text(out_dir / "report.md", doc.to_markdown())
+    write_text(out_dir / "report.html", doc.to_html("qup_ray report"))
+    logger.info("report: %d correlations, %d verdicts, %d missing inputs -> %s",
+                len(corr), len(verdict), len(missing), out_dir)  # fmt: skip
+    return {"correlations": len(corr), "verdict": len(verdict), "missing": len(missing),
+            "figures": sum(1 for k, _ in doc.blocks if k == "image")}  # fmt: skip

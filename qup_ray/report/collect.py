@@ -1,0 +1,239 @@
+"""What the report is computed from, read from a run directory or from a table of stream numbers.
+
+A run directory gives per-problem rows (reward, PPL, style, retention of every trace; the
+correctness of every benchmark sample), so the report can bootstrap. A `--from-table` CSV gives
+only per-stream numbers (e.g. a published table): the same analysis, without intervals.
+
+Nothing is dropped silently: every expected input that is absent (a stream never scored, a cell
+never trained or evaluated, a benchmark file not written yet) is listed in `ReportData.missing`
+and shown in the report.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from qup_ray.config import ExperimentConfig
+from qup_ray.rundir import MANIFEST, read_parquet, train_cells
+
+logger = logging.getLogger(__name__)
+
+QUARTERS = tuple(f"q{q}_ppl" for q in range(1, 5))
+PPL_MEASURES = ("ppl", *QUARTERS)
+STYLE_MEASURES = ("symbol_freq", "scaffolding_freq", "digit_freq", "whitespace_freq", "word_freq")
+OWN_STREAM = "slm_rft"
+REFINED_STREAM = "oracle_refined"
+STYLE_PREFIX = "style_aligned"
+BASE = "base"
+TABLE_COLUMNS = ("student", "objective", "stream", "reward", "total_avg", "ppl")
+
+
+def acc_col(benchmark: str) -> str:
+    """Stream-table column of a benchmark's Avg@k (percent)."""
+    return f"acc:{benchmark}"
+
+
+def spread_col(benchmark: str) -> str:
+    """Stream-table column of the std over the k samples' accuracies (percent)."""
+    return f"spread:{benchmark}"
+
+
+@dataclass
+class ReportData:
+    """Everything the report is computed from.
+
+    `streams` has one row per (student, objective, stream) with the stream's point values:
+    reward (the first reward model), reward-<rm> for each model, ppl, q1_ppl..q4_ppl,
+    retention, style frequencies, acc:<benchmark> and spread:<benchmark> (percent), total_avg.
+    A value that is missing is NaN; the row is still there. Base students are rows with stream
+    and objective `base`.
+    """
+
+    source: str
+    streams: pd.DataFrame
+    students: list[str]
+    objectives: list[str]
+    stream_names: dict[str, list[str]]
+    reward_models: list[str] = field(default_factory=list)
+    benchmarks: list[str] = field(default_factory=list)
+    problems: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)
+    """(student, stream) -> per-problem values (index problem_id): reward*, ppl, q*_ppl,
+    style frequencies."""
+    bench_problems: dict[tuple[str, str, str, str], pd.Series] = field(default_factory=dict)
+    """(student, stream, objective, benchmark) -> per-problem accuracy (mean over samples, 0-1)."""
+    curves: dict[tuple[str, str, str], pd.DataFrame] = field(default_factory=dict)
+    """(student, stream, objective) -> training metrics (step, ce, ...)."""
+    missing: list[dict[str, str]] = field(default_factory=list)
+    """What the report expected and did not find: what, path, reason."""
+
+    def measures(self, student: str, objective: str) -> pd.DataFrame:
+        """Stream rows of one student and objective (no base row), indexed by stream."""
+        s = self.streams
+        rows = s[(s.student == student) & (s.objective == objective) & (s.stream != BASE)]
+        return rows.set_index("stream")
+
+    def base_row(self, student: str) -> pd.Series | None:
+        s = self.streams
+        rows = s[(s.student == student) & (s.stream == BASE)]
+        return None if rows.empty else rows.iloc[0]
+
+
+# --------------------------------------------------------------------------------------------
+# From a table of per-stream numbers
+# --------------------------------------------------------------------------------------------
+
+
+def from_table(path: str | Path) -> ReportData:
+    """Read a CSV with columns student, objective, stream, reward, total_avg, ppl (optional:
+    q1_ppl..q4_ppl, retention, reward-<rm>, style frequencies, acc:<benchmark>). Empty cells
+    are missing values."""
+    df = pd.read_csv(path)
+    absent = [c for c in TABLE_COLUMNS if c not in df.columns]
+    if absent:
+        raise ValueError(f"{path}: missing columns {absent} (has {list(df.columns)})")
+    for col in ("student", "objective", "stream"):
+        df[col] = df[col].astype(str)
+    duplicated = df.duplicated(["student", "objective", "stream"])
+    if duplicated.any():
+        raise ValueError(
+            f"{path}: duplicate rows {df[duplicated][['student', 'objective', 'stream']].values.tolist()}"
+        )
+    reward_models = [c.removeprefix("reward-") for c in df.columns if c.startswith("reward-")]
+    benchmarks = [c.removeprefix("acc:") for c in df.columns if c.startswith("acc:")]
+    students = list(dict.fromkeys(df.student))
+    stream_names = {
+        s: [x for x in dict.fromkeys(df[df.student == s].stream) if x != BASE] for s in students
+    }
+    objectives = [o for o in dict.fromkeys(df.objective) if o != BASE]
+    missing = [
+        {"what": f"{r.student}/{r.stream}/{r.objective}: {col}", "path": str(path), "reason": "empty in the table"}
+        for r in df.itertuples()
+        for col in TABLE_COLUMNS[3:]
+        if pd.isna(getattr(r, col))
+    ]  # fmt: skip
+    return ReportData(
+        source=f"table {Path(path).name}", streams=df, students=students, objectives=objectives,
+        stream_names=stream_names, reward_models=reward_models, benchmarks=benchmarks, missing=missing,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# From a run directory
+# --------------------------------------------------------------------------------------------
+
+
+def _finished(folder: Path) -> bool:
+    return (folder / MANIFEST).is_file()
+
+
+def _problem_values(
+    root: Path, student: str, stream: str, reward_models: list[str]
+) -> pd.DataFrame | None:
+    """Per-problem reward, PPL, style and retention of one stream, or None before scoring."""
+    folder = root / "scores" / student / stream
+    if not _finished(folder):
+        return None
+    ppl = read_parquet(folder / "ppl.parquet").to_pandas().set_index("problem_id")
+    df = ppl[[c for c in PPL_MEASURES if c in ppl.columns]].astype(float)
+    for rm in reward_models:
+        path = folder / f"reward-{rm}.parquet"
+        if path.is_file():
+            df[f"reward-{rm}"] = read_parquet(path).to_pandas().set_index("problem_id")["reward"]
+    style_path = folder / "style.parquet"
+    if style_path.is_file():
+        style = read_parquet(style_path).to_pandas().set_index("problem_id")
+        for col in STYLE_MEASURES:
+            if col in style.columns:
+                df[col] = style[col].astype(float)
+    final = root / "streams" / student / "final" / f"{stream}.parquet"
+    if final.is_file():
+        table = read_parquet(final).to_pandas().set_index("problem_id")
+        if "retention" in table.columns:
+            df["retention"] = pd.to_numeric(table["retention"], errors="coerce")
+    return df
+
+
+def benchmark_accuracy(samples: pd.DataFrame) -> tuple[pd.Series, float]:
+    """Per-problem accuracy (mean of `correct` over its samples, 0-1) and the std over sample
+    indices of each sample's accuracy (percent): Avg@k's spread across samples. A sample whose
+    answer could not be checked (`correct` null) counts as not correct."""
+    correct = samples["correct"].astype("boolean").fillna(False).astype(float)
+    frame = samples.assign(correct=correct)
+    per_problem = frame.groupby("problem_id")["correct"].mean()
+    per_sample = frame.groupby("sample_idx")["correct"].mean() * 100
+    spread = float(per_sample.std(ddof=1)) if len(per_sample) > 1 else 0.0
+    return per_problem, spread
+
+
+def _eval_cell(
+    data: ReportData, root: Path, student: str, stream: str, objective: str
+) -> dict[str, float]:
+    """Avg@k per benchmark (percent), spread and Total Avg of one evaluated cell."""
+    folder = root / "eval" / student / stream / objective
+    row: dict[str, float] = {}
+    found = 0
+    for bench in data.benchmarks:
+        path = folder / f"{bench}.parquet"
+        if not path.is_file():
+            data.missing.append({"what": f"eval {student}/{stream}/{objective} {bench}",
+                                 "path": f"eval/{student}/{stream}/{objective}/{bench}.parquet",
+                                 "reason": "not evaluated yet"})  # fmt: skip
+            continue
+        per_problem, spread = benchmark_accuracy(read_parquet(path).to_pandas())
+        data.bench_problems[(student, stream, objective, bench)] = per_problem
+        row[acc_col(bench)] = float(per_problem.mean() * 100)
+        row[spread_col(bench)] = spread
+        found += 1
+    if found and found == len(data.benchmarks):
+        row["total_avg"] = float(np.mean([row[acc_col(b)] for b in data.benchmarks]))
+    if found and not _finished(folder):
+        logger.info("%s has benchmark files but no manifest: evaluation still running", folder)
+    return row
+
+
+def from_run_dir(cfg: ExperimentConfig, root: str | Path | None = None) -> ReportData:
+    """Everything the report needs from the run directory of `cfg`, whatever stages finished."""
+    root = Path(root) if root is not None else cfg.run_dir
+    students = list(cfg.students)
+    streams = cfg.stream_names()
+    data = ReportData(
+        source=f"run directory {root.name}", streams=pd.DataFrame(), students=students,
+        objectives=train_cells(cfg), stream_names={s: list(streams) for s in students},
+        reward_models=list(cfg.scoring.reward_models), benchmarks=list(cfg.evaluation.benchmarks),
+    )  # fmt: skip
+    rows = []
+    for student in students:
+        for stream in streams:
+            problems = _problem_values(root, student, stream, data.reward_models)
+            means: dict[str, float] = {}
+            if problems is None:
+                data.missing.append({"what": f"scores {student}/{stream}",
+                                     "path": f"scores/{student}/{stream}", "reason": "not scored yet"})  # fmt: skip
+            else:
+                data.problems[(student, stream)] = problems
+                means = {c: float(problems[c].mean()) for c in problems.columns}
+                if data.reward_models and f"reward-{data.reward_models[0]}" in means:
+                    means["reward"] = means[f"reward-{data.reward_models[0]}"]
+            for objective in data.objectives:
+                metrics = root / "train" / student / stream / objective / "metrics.parquet"
+                if metrics.is_file():
+                    data.curves[(student, stream, objective)] = read_parquet(metrics).to_pandas()
+                else:
+                    data.missing.append({"what": f"training curve {student}/{stream}/{objective}",
+                                         "path": f"train/{student}/{stream}/{objective}/metrics.parquet",
+                                         "reason": "not trained yet"})  # fmt: skip
+                row = {"student": student, "objective": objective, "stream": stream, **means}
+                rows.append({**row, **_eval_cell(data, root, student, stream, objective)})
+        rows.append({"student": student, "objective": BASE, "stream": BASE,
+                     **_eval_cell(data, root, student, BASE, BASE)})  # fmt: skip
+    frame = pd.DataFrame(rows)
+    for col in ("reward", "total_avg", "ppl"):
+        if col not in frame.columns:
+            frame[col] = np.nan
+    data.streams = frame
+    return data

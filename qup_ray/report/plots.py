@@ -1,0 +1,196 @@
+"""The report's figures (matplotlib, Agg backend, PNG). Each function draws one figure for one
+student and returns the file it wrote, or None when there is nothing to draw yet (the report
+then says so instead of showing an empty figure)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from qup_ray.report.collect import BASE, QUARTERS, ReportData, acc_col, spread_col
+
+DPI = 100
+
+
+def _colors(names: list[str]) -> dict[str, tuple]:
+    cmap = plt.get_cmap("tab10")
+    return {n: cmap(i % 10) for i, n in enumerate(names)}
+
+
+def _grid(
+    n: int, width_in: float = 5.0, height_in: float = 4.0
+) -> tuple[plt.Figure, list[plt.Axes]]:
+    cols = min(n, 2)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width_in * cols, height_in * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def ppl_vs_accuracy(data: ReportData, student: str, path: Path) -> Path | None:
+    """Global PPL (x) against Total Avg (y), one panel per objective, points labelled by stream."""
+    panels = [
+        (o, data.measures(student, o)[["ppl", "total_avg"]].dropna()) for o in data.objectives
+    ]
+    panels = [(o, t) for o, t in panels if not t.empty]
+    if not panels:
+        return None
+    colors = _colors(data.stream_names[student])
+    fig, axes = _grid(len(panels))
+    for ax, (objective, table) in zip(axes, panels, strict=True):
+        for stream, row in table.iterrows():
+            ax.scatter(row.ppl, row.total_avg, color=colors.get(stream), s=60)
+            ax.annotate(
+                stream,
+                (row.ppl, row.total_avg),
+                textcoords="offset points",
+                xytext=(5, 4),
+                fontsize=8,
+            )
+        ax.set(
+            title=f"{student} {objective}",
+            xlabel="global PPL of the stream",
+            ylabel="Total Avg (%)",
+        )
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def quarter_ppl(data: ReportData, student: str, path: Path) -> Path | None:
+    """PPL of each quarter Q1..Q4 of the traces, one line per stream."""
+    rows = data.streams[(data.streams.student == student) & (data.streams.stream != BASE)]
+    if not set(QUARTERS) <= set(rows.columns):
+        return None
+    table = rows.drop_duplicates("stream").set_index("stream")[list(QUARTERS)].dropna()
+    if table.empty:
+        return None
+    colors = _colors(data.stream_names[student])
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for stream, values in table.iterrows():
+        ax.plot(range(1, 5), values.to_numpy(), marker="o", label=stream, color=colors.get(stream))
+    ax.set(title=f"{student}: PPL per quarter of the trace", xlabel="quarter", ylabel="PPL",
+           xticks=range(1, 5), xticklabels=["Q1", "Q2", "Q3", "Q4"])  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def reward_rank_vs_accuracy_rank(data: ReportData, student: str, path: Path) -> Path | None:
+    """Rank by reward (1 = highest) against rank by Total Avg (1 = most accurate), per objective.
+    Points on the diagonal: the reward ranking agrees with utility; on the anti-diagonal: inverted."""
+    panels = [
+        (o, data.measures(student, o)[["reward", "total_avg"]].dropna()) for o in data.objectives
+    ]
+    panels = [(o, t) for o, t in panels if len(t) >= 2]
+    if not panels:
+        return None
+    colors = _colors(data.stream_names[student])
+    fig, axes = _grid(len(panels))
+    for ax, (objective, table) in zip(axes, panels, strict=True):
+        reward_rank = table.reward.rank(ascending=False)
+        acc_rank = table.total_avg.rank(ascending=False)
+        n = len(table)
+        ax.plot([1, n], [1, n], ls="--", color="grey", lw=1, label="agreement")
+        for stream in table.index:
+            ax.scatter(reward_rank[stream], acc_rank[stream], color=colors.get(stream), s=60)
+            ax.annotate(stream, (reward_rank[stream], acc_rank[stream]), textcoords="offset points",
+                        xytext=(5, 4), fontsize=8)  # fmt: skip
+        ax.set(title=f"{student} {objective}", xlabel="rank by reward (1 = highest)",
+               ylabel="rank by Total Avg (1 = best)", xlim=(0.5, n + 0.5), ylim=(n + 0.5, 0.5))  # fmt: skip
+        ax.legend(fontsize=8, loc="lower right")
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def style_shift_bars(shift: pd.DataFrame, student: str, own: str, path: Path) -> Path | None:
+    """Token-category frequency of each stream minus the student's own traces (percentage points)."""
+    if shift.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    width = 0.8 / len(shift)
+    x = np.arange(len(shift.columns))
+    colors = _colors(list(shift.index))
+    for i, (stream, values) in enumerate(shift.iterrows()):
+        ax.bar(
+            x + i * width - 0.4 + width / 2,
+            values.to_numpy() * 100,
+            width,
+            label=stream,
+            color=colors[stream],
+        )
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set(title=f"{student}: token categories vs its own traces ({own})", xticks=x,
+           xticklabels=list(shift.columns), ylabel="frequency shift (percentage points)")  # fmt: skip
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def training_curves(data: ReportData, student: str, path: Path) -> Path | None:
+    """Cross-entropy against optimizer step, one panel per objective, one line per stream (the
+    DFT loss itself can rise while the model improves, so CE is what is tracked)."""
+    panels = [
+        o
+        for o in data.objectives
+        if any((student, s, o) in data.curves for s in data.stream_names[student])
+    ]
+    if not panels:
+        return None
+    colors = _colors(data.stream_names[student])
+    fig, axes = _grid(len(panels))
+    for ax, objective in zip(axes, panels, strict=True):
+        for stream in data.stream_names[student]:
+            curve = data.curves.get((student, stream, objective))
+            if curve is not None and {"step", "ce"} <= set(curve.columns):
+                ax.plot(curve.step, curve.ce, label=stream, color=colors.get(stream), lw=1.2)
+        ax.set(title=f"{student} {objective}", xlabel="optimizer step", ylabel="cross-entropy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def benchmark_bars(data: ReportData, student: str, objective: str, path: Path) -> Path | None:
+    """Avg@k per benchmark for the base student and each stream; error bars: std across samples."""
+    table = data.measures(student, objective)
+    base = data.base_row(student)
+    rows = ([(BASE, base)] if base is not None else []) + [(s, table.loc[s]) for s in table.index]
+    rows = [(s, r) for s, r in rows if any(pd.notna(r.get(acc_col(b))) for b in data.benchmarks)]
+    if not rows or not data.benchmarks:
+        return None
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.6 * len(data.benchmarks) + 3), 4.4))
+    width = 0.8 / len(rows)
+    x = np.arange(len(data.benchmarks))
+    colors = _colors([BASE, *data.stream_names[student]])
+    for i, (stream, row) in enumerate(rows):
+        acc = [row.get(acc_col(b), np.nan) for b in data.benchmarks]
+        err = [row.get(spread_col(b), np.nan) for b in data.benchmarks]
+        ax.bar(
+            x + i * width - 0.4 + width / 2,
+            acc,
+            width,
+            yerr=err,
+            capsize=2,
+            label=stream,
+            color=colors[stream],
+        )
+    ax.set(title=f"{student} {objective}: Avg@k per benchmark (error bars: spread across samples)",
+           xticks=x, xticklabels=data.benchmarks, ylabel="Avg@k (%)")  # fmt: skip
+    ax.legend(fontsize=7, ncols=2)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
