@@ -7,6 +7,8 @@
     qup validate -c CONFIG [key=value ...]     check a config, print every problem
     qup grade IN.jsonl --out OUT.jsonl         grade responses with the project's answer checker
     qup bench NAME [--json]                    a stage's throughput against its bare baseline
+    qup report RUN_DIR                         the paper's analysis: tables, plots, verdict
+    qup report --from-table CSV --out DIR      the same analysis from per-stream numbers
 
 User mistakes (a bad config, a missing input stage) print one clear message and exit with code 2;
 features not built yet exit with code 3.
@@ -258,6 +260,52 @@ def bench(
     else:
         for key, value in result.items():
             typer.echo(f"{key:>20}: {value}")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[
+        Path | None, typer.Argument(help="<output_dir>/<experiment> (writes its report/)")
+    ] = None,
+    from_table: Annotated[
+        Path | None,
+        typer.Option(
+            help="CSV of per-stream numbers: student, objective, stream, reward, "
+            "total_avg, ppl (optional q1_ppl..q4_ppl, retention)."
+        ),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Report folder (with --from-table).")] = None,
+    force: Annotated[bool, typer.Option(help="Redo the report even if it is up to date.")] = False,
+) -> None:
+    """The paper's analysis: tables, rank correlations with intervals, plots, verdict."""
+    from qup_ray.report import BootstrapSettings, build_report
+    from qup_ray.report import from_table as read_table
+
+    if (run_dir is None) == (from_table is None):
+        raise ConfigError(
+            ["give either RUN_DIR or --from-table CSV --out DIR"], source="qup report"
+        )
+    if from_table is not None:
+        if out is None:
+            raise ConfigError(["--from-table needs --out DIR"], source="qup report")
+        if not from_table.is_file():
+            raise ConfigError([f"file not found: {from_table}"], source="qup report")
+        try:
+            data = read_table(from_table)
+        except ValueError as e:
+            raise ConfigError([str(e)], source="qup report") from None
+        build_report(data, out, BootstrapSettings())
+        typer.echo(f"report: done -> {out}")
+        return
+    from qup_ray.stages.report import report_run_dir
+
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise ConfigError(
+            [f"no config.yaml in {run_dir}: not a run directory"], source=str(run_dir)
+        )
+    path = report_run_dir(load_config(cfg_path), run_dir, force=force)
+    typer.echo(f"report: done -> {path}")
 
 
 world_app = typer.Typer(
