@@ -329,6 +329,7 @@ def _chain_to_interval(text: str) -> str:
     return f"{'(' if strict[0] else '['}{low}, {high}{')' if strict[1] else ']'}"
 
 
+@lru_cache(maxsize=8192)  # a check tidies the same few strings several times
 def _tidy(answer: str) -> str:
     """Normalise what math-verify's LaTeX normaliser misses: thousands separators other than
     commas, √, ∅, a number in `\\text{}`, spellings of ≠, chained inequalities."""
@@ -503,6 +504,7 @@ _LOOSE_SPACE_RE = re.compile(r"\s+(?=[^A-Za-z0-9\s])|(?<=[^A-Za-z0-9\s])\s+")
 _ALNUM_RE = re.compile(r"[A-Za-z0-9]")
 
 
+@lru_cache(maxsize=8192)
 def _canonical(text: str) -> str:
     return _LOOSE_SPACE_RE.sub("", _SIZING_RE.sub("", _tidy(text)))
 
