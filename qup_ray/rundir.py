@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "_manifest.json"
 ERROR = "_error.json"
+BLOCKED = "_blocked.json"
 SHARDS = "_shards"
 PLAN = "_plan.json"
 TRACKED_PACKAGES = (
@@ -418,20 +419,30 @@ def expected_stage_dirs(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     out += [("streams", f"streams/{s}/{st}") for s in cfg.students for st in [*streams, "final"]]
     out += [("score", f"scores/{s}/{st}") for s in cfg.students for st in streams]
     cells, trained = train_cells(cfg), train_streams(cfg)
-    for kind in ("train", "eval"):
-        out += [
-            (kind, f"{kind}/{s}/{st}/{c}") for s in cfg.students for st in trained for c in cells
-        ]
+    out += [("train", f"train/{s}/{st}/{c}") for s in cfg.students for st in trained for c in cells]
+    for cell in eval_cells(cfg):  # each model, then its (model, benchmark) units
+        out += [("eval", f"eval/{cell}")]
+        out += [("eval", f"eval/{cell}/{b}") for b in cfg.evaluation.benchmarks]
     out.append(("report", "report"))
     return out
 
 
+def eval_cells(cfg: ExperimentConfig) -> list[str]:
+    """The models the eval stage covers, as cell ids: every base student, `<student>/base/base`
+    (when `evaluation.evaluate_base`), then every train cell `<student>/<stream>/<objective>`."""
+    base = [f"{s}/base/base" for s in cfg.students] if cfg.evaluation.evaluate_base else []
+    cells, trained = train_cells(cfg), train_streams(cfg)
+    return base + [f"{s}/{st}/{c}" for s in cfg.students for st in trained for c in cells]
+
+
 def stage_state(stage_dir: Path) -> tuple[str, str]:
-    """(state, detail) of one stage folder: done, failed, partial, running or missing."""
+    """(state, detail) of one stage folder: done, blocked, failed, partial, running or missing."""
     if (stage_dir / MANIFEST).is_file():
         m = read_json(stage_dir / MANIFEST)
         rows = ", ".join(f"{k}={v}" for k, v in m.get("row_counts", {}).items())
         return "done", rows
+    if (stage_dir / BLOCKED).is_file():  # waiting for an input, e.g. a model not exported yet
+        return "blocked", read_json(stage_dir / BLOCKED).get("reason", "")[:100]
     if (stage_dir / ERROR).is_file():
         return "failed", read_json(stage_dir / ERROR).get("error", "")[:100]
     plan = stage_dir / SHARDS / PLAN
