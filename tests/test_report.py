@@ -30,7 +30,17 @@ from qup_ray.rundir import MANIFEST, RunDir, read_json, write_json, write_parque
 from qup_ray.stages import report as report_stage
 
 PAPER_TABLE = Path(__file__).parent / "data" / "paper_qwen2.5_math_1.5b.csv"
-CORRELATION_COLUMNS = ["student", "objective", "x", "y", "method", "value", "ci_low", "ci_high", "n_streams"]  # fmt: skip
+CORRELATION_COLUMNS = [
+    "student",
+    "objective",
+    "x",
+    "y",
+    "method",
+    "value",
+    "ci_low",
+    "ci_high",
+    "n_streams",
+]
 NUM_PROBLEMS = 50
 NUM_BENCH_PROBLEMS = 30
 NUM_SAMPLES = 4
@@ -142,10 +152,13 @@ def make_run_dir(tmp_path: Path, seed: int = 0, accuracy_scale: float = 1.0, **o
     `accuracy_scale` < 1 moves the streams' accuracies together (noisy ranks, wide intervals)."""
     cfg = load_config(
         CONFIGS_DIR / "dryrun.yaml",
-        [f"output_dir={tmp_path}", "report.num_bootstrap=200",
-         "evaluation.benchmarks.synthetic_hard.source.kind=synthetic",
-         *(f"{k}={v}" for k, v in overrides.items())],
-    )  # fmt: skip
+        [
+            f"output_dir={tmp_path}",
+            "report.num_bootstrap=200",
+            "evaluation.benchmarks.synthetic_hard.source.kind=synthetic",
+            *(f"{k}={v}" for k, v in overrides.items()),
+        ],
+    )
     root = cfg.run_dir
     rng = np.random.default_rng(seed)
     rms = cfg.scoring.reward_models
@@ -157,24 +170,59 @@ def make_run_dir(tmp_path: Path, seed: int = 0, accuracy_scale: float = 1.0, **o
             scores = root / "scores" / student / stream
             ppls = rng.lognormal(np.log(ppl), 0.1, NUM_PROBLEMS)
             quarters = {f"q{q}_ppl": ppls * (1.2 - 0.1 * q) for q in range(1, 5)}
-            write_parquet(scores / "ppl.parquet", pd.DataFrame({"problem_id": ids, "num_tokens": 100, "ppl": ppls,
-                                                                "mean_nll": np.log(ppls), **quarters}))  # fmt: skip
+            write_parquet(
+                scores / "ppl.parquet",
+                pd.DataFrame(
+                    {
+                        "problem_id": ids,
+                        "num_tokens": 100,
+                        "ppl": ppls,
+                        "mean_nll": np.log(ppls),
+                        **quarters,
+                    }
+                ),
+            )
             for k, rm in enumerate(rms):
-                write_parquet(scores / f"reward-{rm}.parquet",
-                              pd.DataFrame({"problem_id": ids, "reward": rng.normal(reward + k, 0.3, NUM_PROBLEMS)}))  # fmt: skip
+                write_parquet(
+                    scores / f"reward-{rm}.parquet",
+                    pd.DataFrame(
+                        {"problem_id": ids, "reward": rng.normal(reward + k, 0.3, NUM_PROBLEMS)}
+                    ),
+                )
             symbol = 0.1 + 0.1 * (ppl - 1.5)
-            write_parquet(scores / "style.parquet", pd.DataFrame({
-                "problem_id": ids, "symbol_freq": symbol, "scaffolding_freq": 0.2 - symbol / 2, "digit_freq": 0.1,
-                "whitespace_freq": 0.2, "word_freq": 0.5 - symbol / 2}))  # fmt: skip
+            write_parquet(
+                scores / "style.parquet",
+                pd.DataFrame(
+                    {
+                        "problem_id": ids,
+                        "symbol_freq": symbol,
+                        "scaffolding_freq": 0.2 - symbol / 2,
+                        "digit_freq": 0.1,
+                        "whitespace_freq": 0.2,
+                        "word_freq": 0.5 - symbol / 2,
+                    }
+                ),
+            )
             _finish(scores)
-            write_parquet(final / f"{stream}.parquet", pd.DataFrame({
-                "problem_id": ids, "stream": stream,
-                "retention": rng.integers(3, 6, NUM_PROBLEMS) if stream.startswith(("oracle_refined", "style")) else None}))  # fmt: skip
+            write_parquet(
+                final / f"{stream}.parquet",
+                pd.DataFrame(
+                    {
+                        "problem_id": ids,
+                        "stream": stream,
+                        "retention": rng.integers(3, 6, NUM_PROBLEMS)
+                        if stream.startswith(("oracle_refined", "style"))
+                        else None,
+                    }
+                ),
+            )
             for j, objective in enumerate(["sft", "dft"]):
                 cell = f"{student}/{stream}/{objective}"
                 steps = np.arange(1, 21)
-                write_parquet(root / "train" / cell / "metrics.parquet",
-                              pd.DataFrame({"step": steps, "ce": ppl / np.sqrt(steps), "loss": 0.1}))  # fmt: skip
+                write_parquet(
+                    root / "train" / cell / "metrics.parquet",
+                    pd.DataFrame({"step": steps, "ce": ppl / np.sqrt(steps), "loss": 0.1}),
+                )
                 _finish(root / "train" / cell)
                 _write_eval(
                     root / "eval" / cell, cfg, rng, 0.45 + accuracy_scale * (acc - 0.45) + 0.05 * j
@@ -186,9 +234,18 @@ def make_run_dir(tmp_path: Path, seed: int = 0, accuracy_scale: float = 1.0, **o
 
 def _write_eval(folder: Path, cfg, rng: np.random.Generator, accuracy: float) -> None:
     for bench in cfg.evaluation.benchmarks:
-        rows = [{"problem_id": f"{bench}-{i}", "sample_idx": k, "correct": bool(rng.random() < accuracy),
-                 "status": "ok", "num_tokens": 50, "finish_reason": "stop"}
-                for i in range(NUM_BENCH_PROBLEMS) for k in range(NUM_SAMPLES)]  # fmt: skip
+        rows = [
+            {
+                "problem_id": f"{bench}-{i}",
+                "sample_idx": k,
+                "correct": bool(rng.random() < accuracy),
+                "status": "ok",
+                "num_tokens": 50,
+                "finish_reason": "stop",
+            }
+            for i in range(NUM_BENCH_PROBLEMS)
+            for k in range(NUM_SAMPLES)
+        ]
         rows[0]["correct"], rows[0]["status"] = None, "no_answer"  # unverifiable counts as wrong
         write_parquet(folder / f"{bench}.parquet", rows)
     _finish(folder)
@@ -211,8 +268,15 @@ def test_run_dir_report_has_every_table_and_plot(full_report) -> None:
     assert (out / MANIFEST).is_file()
     names = {p.name for p in out.iterdir()}
     for student in run_cfg.students:
-        for suffix in ("ppl_vs_accuracy", "quarter_ppl", "reward_rank", "style_shift", "training_curves",
-                       "sft_benchmarks", "dft_benchmarks"):  # fmt: skip
+        for suffix in (
+            "ppl_vs_accuracy",
+            "quarter_ppl",
+            "reward_rank",
+            "style_shift",
+            "training_curves",
+            "sft_benchmarks",
+            "dft_benchmarks",
+        ):
             assert f"{student}_{suffix}.png" in names
             assert Image.open(out / f"{student}_{suffix}.png").size[0] > 300
         for table in (
@@ -283,8 +347,15 @@ def test_accuracy_and_interval_match_an_independent_computation(full_report) -> 
     assert table.loc[streams, "total_avg"].to_numpy() == pytest.approx(totals)
     # The PPL/Total Avg Spearman interval, recomputed with scipy in a plain loop following the
     # documented draw order: every resample of the shared problems, then of each benchmark's.
-    ppl = np.stack([pd.read_parquet(root / "scores" / student / s / "ppl.parquet").set_index("problem_id")
-                    .sort_index().ppl.to_numpy() for s in streams])  # fmt: skip
+    ppl = np.stack(
+        [
+            pd.read_parquet(root / "scores" / student / s / "ppl.parquet")
+            .set_index("problem_id")
+            .sort_index()
+            .ppl.to_numpy()
+            for s in streams
+        ]
+    )
     benches_m = [
         np.stack([acc[s][i].sort_index().to_numpy() for s in streams]) for i in range(len(benches))
     ]
@@ -371,19 +442,35 @@ def test_report_reruns_only_when_an_input_finishes(run_cfg) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium binary (Debian: apt-get install chromium; `make install` does it as root)")  # fmt: skip
+@pytest.mark.skipif(
+    shutil.which("chromium") is None,
+    reason="no chromium binary (Debian: apt-get install chromium; `make install` does it as root)",
+)
 def test_report_html_renders_in_headless_chromium(full_report, tmp_path: Path) -> None:
     _, out = full_report
     shots = {}
     for name, height in (("top", 2000), ("page", 16000)):
         png = tmp_path / f"{name}.png"
         subprocess.run(
-            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={png}", f"--window-size=1200,{height}",
-             (out / "report.html").as_uri()],
-            check=True, capture_output=True, timeout=180,
-        )  # fmt: skip
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={tmp_path / 'profile'}",
+                f"--screenshot={png}",
+                f"--window-size=1200,{height}",
+                (out / "report.html").as_uri(),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=180,
+        )
         shots[name] = np.asarray(Image.open(png).convert("RGB")).astype(int)
     top = shots["top"]
     assert top.shape[:2] == (2000, 1200)

@@ -31,8 +31,16 @@ from qup_ray.stats import bootstrap_ci
 logger = logging.getLogger(__name__)
 
 CORRELATION_COLUMNS = (
-    "student", "objective", "x", "y", "method", "value", "ci_low", "ci_high", "n_streams",
-)  # fmt: skip
+    "student",
+    "objective",
+    "x",
+    "y",
+    "method",
+    "value",
+    "ci_low",
+    "ci_high",
+    "n_streams",
+)
 Y_MEASURE = "total_avg"
 
 
@@ -111,10 +119,33 @@ def correlations(data: ReportData, settings: BootstrapSettings) -> pd.DataFrame:
                     )
                     lo = hi = np.nan
                     if x_groups and y_groups:
-                        lo, hi = bootstrap_correlation(x_groups, y_groups, method,
-                                                       settings.num_resamples, settings.seed, settings.level)  # fmt: skip
-                    rows.append(dict(zip(CORRELATION_COLUMNS, (student, objective, x, Y_MEASURE, method,
-                                                               value, lo, hi, len(streams)), strict=True)))  # fmt: skip
+                        lo, hi = bootstrap_correlation(
+                            x_groups,
+                            y_groups,
+                            method,
+                            settings.num_resamples,
+                            settings.seed,
+                            settings.level,
+                        )
+                    rows.append(
+                        dict(
+                            zip(
+                                CORRELATION_COLUMNS,
+                                (
+                                    student,
+                                    objective,
+                                    x,
+                                    Y_MEASURE,
+                                    method,
+                                    value,
+                                    lo,
+                                    hi,
+                                    len(streams),
+                                ),
+                                strict=True,
+                            )
+                        )
+                    )
     return pd.DataFrame(rows, columns=list(CORRELATION_COLUMNS))
 
 
@@ -141,7 +172,8 @@ def quality_table(data: ReportData, student: str, settings: BootstrapSettings) -
                 values = problems[col].dropna().to_numpy()
                 row[col] = values.mean()
                 row[f"{col} ci_low"], row[f"{col} ci_high"] = bootstrap_ci(
-                    values, settings.num_resamples, settings.seed, settings.level)  # fmt: skip
+                    values, settings.num_resamples, settings.seed, settings.level
+                )
             else:
                 row[col] = _stream_value(data, student, stream, col)
         for col in ("ppl", *QUARTERS, "retention", *STYLE_MEASURES):
@@ -160,8 +192,10 @@ def accuracy_table(data: ReportData, student: str, objective: str) -> pd.DataFra
     table = data.measures(student, objective)
     base = data.base_row(student)
     rows = []
-    for stream, values in [(BASE, base), *((s, table.loc[s] if s in table.index else None)
-                                          for s in data.stream_names[student])]:  # fmt: skip
+    for stream, values in [
+        (BASE, base),
+        *((s, table.loc[s] if s in table.index else None) for s in data.stream_names[student]),
+    ]:
         if stream == BASE and values is None:
             continue
         row: dict[str, object] = {"stream": stream}

@@ -20,7 +20,7 @@ from qup_ray.report.analysis import (
     style_shift,
 )
 from qup_ray.report.collect import OWN_STREAM, ReportData
-from qup_ray.report.render import Document
+from qup_ray.report.render import Document, format_cell
 from qup_ray.report.verdict import verdicts
 from qup_ray.rundir import write_text
 
@@ -31,6 +31,27 @@ MAX_MISSING_SHOWN = 40
 
 def _slug(*parts: str) -> str:
     return "_".join(re.sub(r"[^A-Za-z0-9._-]+", "-", p) for p in parts)
+
+
+CLAIM_TITLES = {
+    "reward_inverts_utility": "Reward ranking vs utility ranking",
+    "ppl_vs_accuracy": "PPL vs accuracy",
+    "style_alignment": "Style alignment vs oracle refinement",
+}
+
+
+def _with_intervals(table: pd.DataFrame) -> pd.DataFrame:
+    """For display: `X ci_low` and `X ci_high` folded into X as "mean [low, high]"."""
+    out = table.copy()
+    for col in [c for c in table.columns if f"{c} ci_low" in table.columns]:
+        out[col] = [
+            format_cell(m) + ("" if pd.isna(lo) else f" [{format_cell(lo)}, {format_cell(hi)}]")
+            for m, lo, hi in zip(
+                table[col], table[f"{col} ci_low"], table[f"{col} ci_high"], strict=True
+            )
+        ]
+        out = out.drop(columns=[f"{col} ci_low", f"{col} ci_high"])
+    return out
 
 
 def _write_csv(out_dir: Path, name: str, df: pd.DataFrame) -> Path:
@@ -60,19 +81,27 @@ def build_report(
 
     doc = Document()
     doc.add("h1", "The Quality-Utility Paradox: report")
-    doc.add("p", f"Source: {data.source}. Students: {', '.join(data.students)}. Objectives: "
-                 f"{', '.join(data.objectives)}. Benchmarks: {', '.join(data.benchmarks) or 'none listed'}. "
-                 f"Intervals: {settings.level:.0%} percentile bootstrap, {settings.num_resamples} "
-                 f"resamples, seed {settings.seed}.")  # fmt: skip
+    doc.add(
+        "p",
+        f"Source: {data.source}. Students: {', '.join(data.students)}. Objectives: "
+        f"{', '.join(data.objectives)}. Benchmarks: {', '.join(data.benchmarks) or 'none listed'}. "
+        f"Intervals: {settings.level:.0%} percentile bootstrap, {settings.num_resamples} "
+        f"resamples, seed {settings.seed}.",
+    )
     doc.add("h2", "Verdict")
-    for row in verdict.itertuples():
-        doc.add("verdict", f"[{row.student} / {row.objective} / {row.claim}] {row.text}")
+    for (student, objective), rows in verdict.groupby(["student", "objective"], sort=False):
+        doc.add("h3", f"{student}, {objective}")
+        for row in rows.itertuples():
+            doc.add("verdict", f"{CLAIM_TITLES[row.claim]} ({row.evidence}): {row.text}")
     doc.add("h2", "What is missing")
     if missing.empty:
         doc.add("p", "Nothing: every expected score, training curve and evaluation is present.")
     else:
-        doc.add("p", f"{len(missing)} expected input(s) are absent; their rows stay in the tables "
-                     f"with empty cells (all listed in missing.csv).")  # fmt: skip
+        doc.add(
+            "p",
+            f"{len(missing)} expected input(s) are absent; their rows stay in the tables "
+            f"with empty cells (all listed in missing.csv).",
+        )
         doc.add("table", missing.head(MAX_MISSING_SHOWN))
 
     for student in data.students:
@@ -80,7 +109,7 @@ def build_report(
         quality = quality_table(data, student, settings)
         _write_csv(out_dir, _slug("quality", student), quality)
         doc.add("h3", "Perceived quality and adaptation cost per stream")
-        doc.add("table", quality)
+        doc.add("table", _with_intervals(quality))
         for objective in data.objectives:
             acc = accuracy_table(data, student, objective)
             _write_csv(out_dir, _slug("accuracy", student, objective), acc)
@@ -91,29 +120,68 @@ def build_report(
 
         doc.add("h3", "Plots")
         base = out_dir / _slug(student)
-        _figure(doc, plots.ppl_vs_accuracy(data, student, Path(f"{base}_ppl_vs_accuracy.png")),
-                "Global PPL against Total Avg, labelled by stream", "PPL vs Total Avg")  # fmt: skip
-        _figure(doc, plots.quarter_ppl(data, student, Path(f"{base}_quarter_ppl.png")),
-                "PPL per quarter Q1..Q4 of the traces, per stream", "Q1..Q4 PPL")  # fmt: skip
-        _figure(doc, plots.reward_rank_vs_accuracy_rank(data, student, Path(f"{base}_reward_rank.png")),
-                "Rank by reward against rank by Total Avg (dashed: agreement)", "Reward rank vs accuracy rank")  # fmt: skip
+        _figure(
+            doc,
+            plots.ppl_vs_accuracy(data, student, Path(f"{base}_ppl_vs_accuracy.png")),
+            "Global PPL against Total Avg, labelled by stream",
+            "PPL vs Total Avg",
+        )
+        _figure(
+            doc,
+            plots.quarter_ppl(data, student, Path(f"{base}_quarter_ppl.png")),
+            "PPL per quarter Q1..Q4 of the traces, per stream",
+            "Q1..Q4 PPL",
+        )
+        _figure(
+            doc,
+            plots.reward_rank_vs_accuracy_rank(data, student, Path(f"{base}_reward_rank.png")),
+            "Rank by reward against rank by Total Avg (dashed: agreement)",
+            "Reward rank vs accuracy rank",
+        )
         shift = style_shift(data, student, OWN_STREAM)
         if not shift.empty:
             _write_csv(out_dir, _slug("style_shift", student), shift.reset_index(names="stream"))
-        _figure(doc, plots.style_shift_bars(shift, student, OWN_STREAM, Path(f"{base}_style_shift.png")),
-                f"Token-category frequency of each stream minus {OWN_STREAM}", "Token-category shift")  # fmt: skip
-        _figure(doc, plots.training_curves(data, student, Path(f"{base}_training_curves.png")),
-                "Cross-entropy against optimizer step, per stream", "Training curves")  # fmt: skip
+        _figure(
+            doc,
+            plots.style_shift_bars(
+                shift,
+                data.stream_names[student],
+                student,
+                OWN_STREAM,
+                Path(f"{base}_style_shift.png"),
+            ),
+            f"Token-category frequency of each stream minus {OWN_STREAM}",
+            "Token-category shift",
+        )
+        _figure(
+            doc,
+            plots.training_curves(data, student, Path(f"{base}_training_curves.png")),
+            "Cross-entropy against optimizer step, per stream",
+            "Training curves",
+        )
         for objective in data.objectives:
             path = plots.benchmark_bars(
                 data, student, objective, Path(f"{base}_{_slug(objective)}_benchmarks.png")
             )
-            _figure(doc, path, f"Avg@k per benchmark, {objective} (error bars: std across samples)",
-                    f"Per-benchmark accuracy, {objective}")  # fmt: skip
+            _figure(
+                doc,
+                path,
+                f"Avg@k per benchmark, {objective} (error bars: std across samples)",
+                f"Per-benchmark accuracy, {objective}",
+            )
 
     write_text(out_dir / "report.md", doc.to_markdown())
     write_text(out_dir / "report.html", doc.to_html("qup_ray report"))
-    logger.info("report: %d correlations, %d verdicts, %d missing inputs -> %s",
-                len(corr), len(verdict), len(missing), out_dir)  # fmt: skip
-    return {"correlations": len(corr), "verdict": len(verdict), "missing": len(missing),
-            "figures": sum(1 for k, _ in doc.blocks if k == "image")}  # fmt: skip
+    logger.info(
+        "report: %d correlations, %d verdicts, %d missing inputs -> %s",
+        len(corr),
+        len(verdict),
+        len(missing),
+        out_dir,
+    )
+    return {
+        "correlations": len(corr),
+        "verdict": len(verdict),
+        "missing": len(missing),
+        "figures": sum(1 for k, _ in doc.blocks if k == "image"),
+    }

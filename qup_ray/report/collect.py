@@ -111,15 +111,25 @@ def from_table(path: str | Path) -> ReportData:
     }
     objectives = [o for o in dict.fromkeys(df.objective) if o != BASE]
     missing = [
-        {"what": f"{r.student}/{r.stream}/{r.objective}: {col}", "path": str(path), "reason": "empty in the table"}
+        {
+            "what": f"{r.student}/{r.stream}/{r.objective}: {col}",
+            "path": str(path),
+            "reason": "empty in the table",
+        }
         for r in df.itertuples()
         for col in TABLE_COLUMNS[3:]
         if pd.isna(getattr(r, col))
-    ]  # fmt: skip
+    ]
     return ReportData(
-        source=f"table {Path(path).name}", streams=df, students=students, objectives=objectives,
-        stream_names=stream_names, reward_models=reward_models, benchmarks=benchmarks, missing=missing,
-    )  # fmt: skip
+        source=f"table {Path(path).name}",
+        streams=df,
+        students=students,
+        objectives=objectives,
+        stream_names=stream_names,
+        reward_models=reward_models,
+        benchmarks=benchmarks,
+        missing=missing,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,9 +190,13 @@ def _eval_cell(
     for bench in data.benchmarks:
         path = folder / f"{bench}.parquet"
         if not path.is_file():
-            data.missing.append({"what": f"eval {student}/{stream}/{objective} {bench}",
-                                 "path": f"eval/{student}/{stream}/{objective}/{bench}.parquet",
-                                 "reason": "not evaluated yet"})  # fmt: skip
+            data.missing.append(
+                {
+                    "what": f"eval {student}/{stream}/{objective} {bench}",
+                    "path": f"eval/{student}/{stream}/{objective}/{bench}.parquet",
+                    "reason": "not evaluated yet",
+                }
+            )
             continue
         per_problem, spread = benchmark_accuracy(read_parquet(path).to_pandas())
         data.bench_problems[(student, stream, objective, bench)] = per_problem
@@ -202,18 +216,27 @@ def from_run_dir(cfg: ExperimentConfig, root: str | Path | None = None) -> Repor
     students = list(cfg.students)
     streams = cfg.stream_names()
     data = ReportData(
-        source=f"run directory {root.name}", streams=pd.DataFrame(), students=students,
-        objectives=train_cells(cfg), stream_names={s: list(streams) for s in students},
-        reward_models=list(cfg.scoring.reward_models), benchmarks=list(cfg.evaluation.benchmarks),
-    )  # fmt: skip
+        source=f"run directory {root.name}",
+        streams=pd.DataFrame(),
+        students=students,
+        objectives=train_cells(cfg),
+        stream_names={s: list(streams) for s in students},
+        reward_models=list(cfg.scoring.reward_models),
+        benchmarks=list(cfg.evaluation.benchmarks),
+    )
     rows = []
     for student in students:
         for stream in streams:
             problems = _problem_values(root, student, stream, data.reward_models)
             means: dict[str, float] = {}
             if problems is None:
-                data.missing.append({"what": f"scores {student}/{stream}",
-                                     "path": f"scores/{student}/{stream}", "reason": "not scored yet"})  # fmt: skip
+                data.missing.append(
+                    {
+                        "what": f"scores {student}/{stream}",
+                        "path": f"scores/{student}/{stream}",
+                        "reason": "not scored yet",
+                    }
+                )
             else:
                 data.problems[(student, stream)] = problems
                 means = {c: float(problems[c].mean()) for c in problems.columns}
@@ -224,13 +247,23 @@ def from_run_dir(cfg: ExperimentConfig, root: str | Path | None = None) -> Repor
                 if metrics.is_file():
                     data.curves[(student, stream, objective)] = read_parquet(metrics).to_pandas()
                 else:
-                    data.missing.append({"what": f"training curve {student}/{stream}/{objective}",
-                                         "path": f"train/{student}/{stream}/{objective}/metrics.parquet",
-                                         "reason": "not trained yet"})  # fmt: skip
+                    data.missing.append(
+                        {
+                            "what": f"training curve {student}/{stream}/{objective}",
+                            "path": f"train/{student}/{stream}/{objective}/metrics.parquet",
+                            "reason": "not trained yet",
+                        }
+                    )
                 row = {"student": student, "objective": objective, "stream": stream, **means}
                 rows.append({**row, **_eval_cell(data, root, student, stream, objective)})
-        rows.append({"student": student, "objective": BASE, "stream": BASE,
-                     **_eval_cell(data, root, student, BASE, BASE)})  # fmt: skip
+        rows.append(
+            {
+                "student": student,
+                "objective": BASE,
+                "stream": BASE,
+                **_eval_cell(data, root, student, BASE, BASE),
+            }
+        )
     frame = pd.DataFrame(rows)
     for col in ("reward", "total_avg", "ppl"):
         if col not in frame.columns:

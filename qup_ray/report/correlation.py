@@ -70,13 +70,6 @@ def rank_correlation_rows(x: np.ndarray, y: np.ndarray, method: Method) -> np.nd
     raise ValueError(f"unknown method {method!r}")
 
 
-def grouped_mean(groups: Sequence[np.ndarray]) -> np.ndarray:
-    """Per-stream value of a measure given as groups of (streams, items) arrays: the mean over
-    groups of each group's mean over items (NaN items ignored). One group for a score over the
-    problem set; one group per benchmark for Total Avg."""
-    return np.mean([np.nanmean(g, axis=1) for g in groups], axis=0)
-
-
 def _resampled_means(
     groups: Sequence[np.ndarray], num_resamples: int, rng: np.random.Generator
 ) -> np.ndarray:
@@ -117,8 +110,9 @@ def bootstrap_correlation(
     """Percentile bootstrap interval of the rank correlation between two grouped measures.
 
     `x_groups` and `y_groups` are lists of (streams, items) arrays, rows in the same stream
-    order; items are resampled within each group (see the module docstring for the draw order). Resamples where the correlation is undefined (a
-    side all tied) are left out; NaN when more than half are."""
+    order; items are resampled within each group (draw order: see the module docstring).
+    Resamples where the correlation is undefined (a side all tied) are left out; NaN when more
+    than half are."""
     x_groups = [np.asarray(g, np.float64) for g in x_groups]
     y_groups = [np.asarray(g, np.float64) for g in y_groups]
     rng = np.random.default_rng(seed)

@@ -19,9 +19,10 @@ from qup_ray.report.collect import BASE, QUARTERS, ReportData, acc_col, spread_c
 DPI = 100
 
 
-def _colors(names: list[str]) -> dict[str, tuple]:
+def _colors(streams: list[str]) -> dict[str, tuple]:
+    """One colour per stream, the same in every figure of a student; the base student grey."""
     cmap = plt.get_cmap("tab10")
-    return {n: cmap(i % 10) for i, n in enumerate(names)}
+    return {BASE: (0.55, 0.55, 0.55, 1.0)} | {s: cmap(i % 10) for i, s in enumerate(streams)}
 
 
 def _grid(
@@ -84,8 +85,13 @@ def quarter_ppl(data: ReportData, student: str, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for stream, values in table.iterrows():
         ax.plot(range(1, 5), values.to_numpy(), marker="o", label=stream, color=colors.get(stream))
-    ax.set(title=f"{student}: PPL per quarter of the trace", xlabel="quarter", ylabel="PPL",
-           xticks=range(1, 5), xticklabels=["Q1", "Q2", "Q3", "Q4"])  # fmt: skip
+    ax.set(
+        title=f"{student}: PPL per quarter of the trace",
+        xlabel="quarter",
+        ylabel="PPL",
+        xticks=range(1, 5),
+        xticklabels=["Q1", "Q2", "Q3", "Q4"],
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -109,23 +115,35 @@ def reward_rank_vs_accuracy_rank(data: ReportData, student: str, path: Path) -> 
         ax.plot([1, n], [1, n], ls="--", color="grey", lw=1, label="agreement")
         for stream in table.index:
             ax.scatter(reward_rank[stream], acc_rank[stream], color=colors.get(stream), s=60)
-            ax.annotate(stream, (reward_rank[stream], acc_rank[stream]), textcoords="offset points",
-                        xytext=(5, 4), fontsize=8)  # fmt: skip
-        ax.set(title=f"{student} {objective}", xlabel="rank by reward (1 = highest)",
-               ylabel="rank by Total Avg (1 = best)", xlim=(0.5, n + 0.5), ylim=(n + 0.5, 0.5))  # fmt: skip
+            ax.annotate(
+                stream,
+                (reward_rank[stream], acc_rank[stream]),
+                textcoords="offset points",
+                xytext=(5, 4),
+                fontsize=8,
+            )
+        ax.set(
+            title=f"{student} {objective}",
+            xlabel="rank by reward (1 = highest)",
+            ylabel="rank by Total Avg (1 = best)",
+            xlim=(0.5, n + 0.5),
+            ylim=(n + 0.5, 0.5),
+        )
         ax.legend(fontsize=8, loc="lower right")
         ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
-def style_shift_bars(shift: pd.DataFrame, student: str, own: str, path: Path) -> Path | None:
+def style_shift_bars(
+    shift: pd.DataFrame, streams: list[str], student: str, own: str, path: Path
+) -> Path | None:
     """Token-category frequency of each stream minus the student's own traces (percentage points)."""
     if shift.empty:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     width = 0.8 / len(shift)
     x = np.arange(len(shift.columns))
-    colors = _colors(list(shift.index))
+    colors = _colors(streams)
     for i, (stream, values) in enumerate(shift.iterrows()):
         ax.bar(
             x + i * width - 0.4 + width / 2,
@@ -135,8 +153,12 @@ def style_shift_bars(shift: pd.DataFrame, student: str, own: str, path: Path) ->
             color=colors[stream],
         )
     ax.axhline(0, color="black", lw=0.8)
-    ax.set(title=f"{student}: token categories vs its own traces ({own})", xticks=x,
-           xticklabels=list(shift.columns), ylabel="frequency shift (percentage points)")  # fmt: skip
+    ax.set(
+        title=f"{student}: token categories vs its own traces ({own})",
+        xticks=x,
+        xticklabels=list(shift.columns),
+        ylabel="frequency shift (percentage points)",
+    )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)
@@ -176,7 +198,7 @@ def benchmark_bars(data: ReportData, student: str, objective: str, path: Path) -
     fig, ax = plt.subplots(figsize=(max(7.0, 1.6 * len(data.benchmarks) + 3), 4.4))
     width = 0.8 / len(rows)
     x = np.arange(len(data.benchmarks))
-    colors = _colors([BASE, *data.stream_names[student]])
+    colors = _colors(data.stream_names[student])
     for i, (stream, row) in enumerate(rows):
         acc = [row.get(acc_col(b), np.nan) for b in data.benchmarks]
         err = [row.get(spread_col(b), np.nan) for b in data.benchmarks]
@@ -189,8 +211,12 @@ def benchmark_bars(data: ReportData, student: str, objective: str, path: Path) -
             label=stream,
             color=colors[stream],
         )
-    ax.set(title=f"{student} {objective}: Avg@k per benchmark (error bars: spread across samples)",
-           xticks=x, xticklabels=data.benchmarks, ylabel="Avg@k (%)")  # fmt: skip
+    ax.set(
+        title=f"{student} {objective}: Avg@k per benchmark (error bars: spread across samples)",
+        xticks=x,
+        xticklabels=data.benchmarks,
+        ylabel="Avg@k (%)",
+    )
     ax.legend(fontsize=7, ncols=2)
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)

@@ -18,6 +18,7 @@ th, td { border: 1px solid #bbb; padding: 3px 7px; text-align: right; }
 th { background: #eef; } td:first-child, th:first-child { text-align: left; }
 td.missing { color: #b00; } img { max-width: 100%; border: 1px solid #ddd; margin: 0.4em 0; }
 figcaption { font-size: 0.85em; color: #555; margin-bottom: 1.4em; }
+.scroll { overflow-x: auto; }
 .verdict { background: #f6f6ee; border-left: 4px solid #998; padding: 0.4em 0.8em; }
 """
 
@@ -72,10 +73,14 @@ class Document:
             elif kind == "image":
                 path, caption = payload
                 data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-                body.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
-                            f"<figcaption>{html.escape(caption)}</figcaption></figure>")  # fmt: skip
-        return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}'
-                f"</title><style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")  # fmt: skip
+                body.append(
+                    f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+                    f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+                )
+        return (
+            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}'
+            f"</title><style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+        )
 
 
 def _markdown_table(df: pd.DataFrame) -> str:
@@ -98,4 +103,5 @@ def _html_table(df: pd.DataFrame) -> str:
             missing = text == "—" or (isinstance(v, str) and v.startswith("missing"))
             cells.append(f"<td{' class=missing' if missing else ''}>{html.escape(text)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    body = "".join(rows)
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'

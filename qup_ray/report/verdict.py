@@ -65,35 +65,54 @@ def _correlation_claim(
     name = "reward" if x == "reward" else "PPL"
     if rho is None or rho.n_streams < MIN_STREAMS or np.isnan(rho.value):
         n = 0 if rho is None else int(rho.n_streams)
-        return {**out, "holds": None, "evidence": "too few streams",
-                "text": f"{name} vs Total Avg: only {n} stream(s) have both values (at least "
-                        f"{MIN_STREAMS} needed), no verdict."}  # fmt: skip
+        return {
+            **out,
+            "holds": None,
+            "evidence": "too few streams",
+            "text": f"{name} vs Total Avg: only {n} stream(s) have both values (at least "
+            f"{MIN_STREAMS} needed), no verdict.",
+        }
     table = data.measures(student, objective)[[x, Y_MEASURE]].dropna()
     interval = "" if np.isnan(rho.ci_low) else f" [{rho.ci_low:+.2f}, {rho.ci_high:+.2f}]"
-    stats = (f"Spearman rho = {rho.value:+.2f}{interval}, Kendall tau = {tau.value:+.2f} "
-             f"over {int(rho.n_streams)} streams")  # fmt: skip
+    stats = (
+        f"Spearman rho = {rho.value:+.2f}{interval}, Kendall tau = {tau.value:+.2f} "
+        f"over {int(rho.n_streams)} streams"
+    )
     evidence = _evidence(rho.ci_low, rho.ci_high)
     holds = bool(rho.value < 0)
     if x == "reward":
         if holds:
-            text = (f"The reward ranking inverts the utility ranking: streams the reward model scores "
-                    f"higher train a less accurate student ({stats}) - the quality-utility paradox")  # fmt: skip
+            text = (
+                f"The reward ranking inverts the utility ranking: streams the reward model scores "
+                f"higher train a less accurate student ({stats}) - the quality-utility paradox"
+            )
         else:
-            text = (f"The reward ranking does not invert the utility ranking: higher reward goes "
-                    f"with {'equal' if rho.value == 0 else 'higher'} accuracy ({stats})")  # fmt: skip
+            text = (
+                f"The reward ranking does not invert the utility ranking: higher reward goes "
+                f"with {'equal' if rho.value == 0 else 'higher'} accuracy ({stats})"
+            )
         text += f"; {EVIDENCE_WORDS[evidence]}"
         text += f". By reward: {_ranking(table, x)}; by Total Avg: {_ranking(table, Y_MEASURE)}."
     else:
         discordant = [
-            (a, b) for a, b in combinations(table.index, 2)
-            if (table.at[a, x] - table.at[b, x]) * (table.at[a, Y_MEASURE] - table.at[b, Y_MEASURE]) >= 0
-        ]  # fmt: skip
+            (a, b)
+            for a, b in combinations(table.index, 2)
+            if (table.at[a, x] - table.at[b, x]) * (table.at[a, Y_MEASURE] - table.at[b, Y_MEASURE])
+            >= 0
+        ]
         if holds:
             text = f"Lower PPL goes with higher accuracy ({stats}); {EVIDENCE_WORDS[evidence]}. "
-            text += ("PPL is strictly monotone against accuracy." if not discordant else
-                     "Not strictly monotone: " + "; ".join(
-                         f"{a} (PPL {table.at[a, x]:.3g}, {table.at[a, Y_MEASURE]:.3g}) vs {b} "
-                         f"(PPL {table.at[b, x]:.3g}, {table.at[b, Y_MEASURE]:.3g})" for a, b in discordant) + ".")  # fmt: skip
+            text += (
+                "PPL is strictly monotone against accuracy."
+                if not discordant
+                else "Not strictly monotone: "
+                + "; ".join(
+                    f"{a} (PPL {table.at[a, x]:.3g}, {table.at[a, Y_MEASURE]:.3g}) vs {b} "
+                    f"(PPL {table.at[b, x]:.3g}, {table.at[b, Y_MEASURE]:.3g})"
+                    for a, b in discordant
+                )
+                + "."
+            )
         else:
             text = f"PPL is not negatively related to accuracy here ({stats}); {EVIDENCE_WORDS[evidence]}."
         quarters = [_corr(corr, student, objective, q, "spearman") for q in QUARTERS]
@@ -104,8 +123,11 @@ def _correlation_claim(
         ]
         if known:
             negative = sum(v < 0 for _, v in known)
-            text += (f" Per quarter: negative in {negative} of {len(known)} ("
-                     + ", ".join(f"{q.removesuffix('_ppl').upper()} {v:+.2f}" for q, v in known) + ").")  # fmt: skip
+            text += (
+                f" Per quarter: negative in {negative} of {len(known)} ("
+                + ", ".join(f"{q.removesuffix('_ppl').upper()} {v:+.2f}" for q, v in known)
+                + ")."
+            )
     return {**out, "holds": holds, "evidence": evidence, "text": text}
 
 
@@ -125,9 +147,13 @@ def _style_claim(
         or table.loc[REFINED_STREAM, list(need)].isna().any()
         or not usable
     ):
-        return {**out, "holds": None, "evidence": "no data",
-                "text": f"Style alignment: needs PPL and Total Avg of {REFINED_STREAM} and of a "
-                        f"{STYLE_PREFIX}_* stream; not available, no verdict."}  # fmt: skip
+        return {
+            **out,
+            "holds": None,
+            "evidence": "no data",
+            "text": f"Style alignment: needs PPL and Total Avg of {REFINED_STREAM} and of a "
+            f"{STYLE_PREFIX}_* stream; not available, no verdict.",
+        }
     ref = table.loc[REFINED_STREAM]
     parts, all_hold, evidences = [], True, []
     for s in usable:
@@ -136,15 +162,22 @@ def _style_claim(
         ppl_ci, acc_ci = _difference_intervals(data, student, objective, s, settings)
         evidences += [_evidence(*ppl_ci), _evidence(*acc_ci)]
         ci = lambda c: "" if np.isnan(c[0]) else f" [{c[0]:+.3g}, {c[1]:+.3g}]"  # noqa: E731
-        parts.append(f"{s}: PPL {row.ppl:.3g} vs {ref.ppl:.3g} ({row.ppl - ref.ppl:+.3g}{ci(ppl_ci)}), "
-                     f"Total Avg {row[Y_MEASURE]:.3g} vs {ref[Y_MEASURE]:.3g} "
-                     f"({row[Y_MEASURE] - ref[Y_MEASURE]:+.3g}{ci(acc_ci)})")  # fmt: skip
+        parts.append(
+            f"{s}: PPL {row.ppl:.3g} vs {ref.ppl:.3g} ({row.ppl - ref.ppl:+.3g}{ci(ppl_ci)}), "
+            f"Total Avg {row[Y_MEASURE]:.3g} vs {ref[Y_MEASURE]:.3g} "
+            f"({row[Y_MEASURE] - ref[Y_MEASURE]:+.3g}{ci(acc_ci)})"
+        )
     evidence = next((e for e in ("no intervals", "weak") if e in evidences), "strong")
-    lead = ("Style alignment lowers PPL and raises accuracy over oracle refinement" if all_hold else
-            "Style alignment does not both lower PPL and raise accuracy over oracle refinement")  # fmt: skip
-    tail = {"strong": "every difference's 95% bootstrap interval excludes zero",
-            "weak": "a difference's 95% bootstrap interval crosses zero, so the evidence is weak",
-            "no intervals": EVIDENCE_WORDS["no intervals"]}[evidence]  # fmt: skip
+    lead = (
+        "Style alignment lowers PPL and raises accuracy over oracle refinement"
+        if all_hold
+        else "Style alignment does not both lower PPL and raise accuracy over oracle refinement"
+    )
+    tail = {
+        "strong": "every difference's 95% bootstrap interval excludes zero",
+        "weak": "a difference's 95% bootstrap interval crosses zero, so the evidence is weak",
+        "no intervals": EVIDENCE_WORDS["no intervals"],
+    }[evidence]
     return {
         **out,
         "holds": all_hold,
@@ -163,8 +196,12 @@ def _difference_intervals(
     ppl_ci = nan
     if a is not None and b is not None and "ppl" in a.columns and "ppl" in b.columns:
         shared = a.index.intersection(b.index)
-        ppl_ci = bootstrap_mean([a.loc[shared, "ppl"] - b.loc[shared, "ppl"]],
-                                settings.num_resamples, settings.seed, settings.level)  # fmt: skip
+        ppl_ci = bootstrap_mean(
+            [a.loc[shared, "ppl"] - b.loc[shared, "ppl"]],
+            settings.num_resamples,
+            settings.seed,
+            settings.level,
+        )
     groups = []
     for bench in data.benchmarks:
         sa = data.bench_problems.get((student, stream, objective, bench))

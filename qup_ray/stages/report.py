@@ -51,8 +51,11 @@ def report_run_dir(cfg: ExperimentConfig, root: Path, *, force: bool = False) ->
         with stage.timed("analyse_and_render"):
             counts = build_report(data, stage.dir, settings)
         if data.missing:
-            logger.warning("report: %d expected inputs missing (see %s)", len(data.missing),
-                           stage.dir / "missing.csv")  # fmt: skip
+            logger.warning(
+                "report: %d expected inputs missing (see %s)",
+                len(data.missing),
+                stage.dir / "missing.csv",
+            )
         stage.finish(row_counts=counts)
     return stage.dir
 
