@@ -23,6 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from qup_ray.answers import answer_parts
 from qup_ray.config import ExperimentConfig, result_view
 from qup_ray.encoding import ChatFormat, fit_generation
 from qup_ray.engines import VLLMGenerator, generate_and_grade, request_seed
@@ -184,6 +185,8 @@ def run_student(
             num_generation_shortened=sum(
                 1 for q in requests if q["max_tokens"] < cfg.rollouts.max_new_tokens),
             statuses=dict(statuses),
+            # Gold answers with several boxed parts (all are required; see answers.answer_parts).
+            gold_multi_part=sum(1 for p in problems if len(answer_parts(p.get("solution") or "")) > 1),
             num_correct=sum(1 for r in rows if r["correct"]),
             num_truncated=sum(1 for r in rows if r["finish_reason"] == "length"),
             pass_histogram=pass_histogram(per_problem, [p["problem_id"] for p in problems],
