@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import decimal
+import random
+from decimal import ROUND_HALF_DOWN, ROUND_HALF_UP
 from pathlib import Path
 
 import pytest
@@ -299,3 +302,28 @@ def test_quick_verdicts_agree_with_the_parser(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(answers, "quick_verdict", lambda gold, answer: None)
     for gold, answer, quick in decided:
         assert answers.compare(gold, answer) == (quick, "ok"), (gold.text, answer)
+
+
+# --- the rounding rule, against decimal arithmetic ----------------------------------------------
+
+
+def test_rounded_match_is_correct_rounding_of_the_exact_value() -> None:
+    """A decimal counts for p/q exactly when Python's decimal module rounds p/q to it (half up
+    or half down) with at least 4 places and 4 significant digits."""
+    rng = random.Random(19)
+    context = decimal.Context(prec=60)
+    accepted = 0
+    for _ in range(3000):
+        p, q = rng.randint(-3000, 3000), rng.randint(1, 997)
+        places = rng.randint(1, 7)
+        exact = context.divide(decimal.Decimal(p), decimal.Decimal(q))
+        step = decimal.Decimal(1).scaleb(-places)
+        rounded = {exact.quantize(step, rounding=mode) for mode in (ROUND_HALF_UP, ROUND_HALF_DOWN)}
+        candidate = rng.choice(sorted(rounded)) + rng.choice([0, 0, 1, -1]) * step
+        text = f"{candidate:.{places}f}"
+        significant = len(text.lstrip("-").replace(".", "").lstrip("0"))
+        expected = candidate == exact or (candidate in rounded and places >= 4 and significant >= 4)
+        accepted += expected
+        gold = f"{'-' if p < 0 else ''}\\frac{{{abs(p)}}}{{{q}}}"
+        assert answers.rounded_match(gold, text) is expected, (gold, text)
+    assert accepted > 300
