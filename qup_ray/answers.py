@@ -175,7 +175,7 @@ _GAP_RE = re.compile(
 )
 # "x = ", "x_1 = ", "\\alpha = " right before a box: the variable the boxed value is given for.
 _LABEL_RE = re.compile(
-    r"(?<=[\s$(\[,;{])(?P<label>(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?[A-Za-z0-9]+\}?)?)\s*=\s*\$?\s*$"
+    r"(?<=[\s$(\[,;])(?P<label>(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?[A-Za-z0-9]+\}?)?)\s*=\s*\$?\s*$"
 )
 _LABEL_LOOKBACK_CHARS = 40
 
