@@ -31,15 +31,8 @@ from qup_ray.stats import bootstrap_ci
 logger = logging.getLogger(__name__)
 
 CORRELATION_COLUMNS = (
-    "student",
-    "objective",
-    "x",
-    "y",
-    "method",
-    "value",
-    "ci_low",
-    "ci_high",
-    "n_streams",
+    *("student", "objective", "x", "y", "method"),
+    *("value", "ci_low", "ci_high", "n_streams"),
 )
 Y_MEASURE = "total_avg"
 
@@ -61,7 +54,7 @@ def x_measures(data: ReportData) -> list[str]:
     return [*out, "ppl", *QUARTERS]
 
 
-def _problem_column(data: ReportData, student: str, measure: str) -> str:
+def _problem_column(data: ReportData, measure: str) -> str:
     """Column of the per-problem tables that holds `measure` (`reward` is the first model's)."""
     if measure == "reward" and data.reward_models:
         return f"reward-{data.reward_models[0]}"
@@ -72,7 +65,7 @@ def _x_groups(
     data: ReportData, student: str, streams: list[str], measure: str
 ) -> list[np.ndarray] | None:
     """(streams, problems) matrix of a measure over the problems every stream has, or None."""
-    col = _problem_column(data, student, measure)
+    col = _problem_column(data, measure)
     frames = [data.problems.get((student, s)) for s in streams]
     if any(f is None or col not in f.columns for f in frames):
         return None
@@ -96,6 +89,28 @@ def _y_groups(
     return groups or None
 
 
+def _correlation_rows(
+    data: ReportData, student: str, objective: str, x: str, settings: BootstrapSettings
+) -> list[dict]:
+    """Spearman and Kendall of `x` against Total Avg over the streams that have both."""
+    both = data.measures(student, objective)[[x, Y_MEASURE]].dropna()
+    streams = list(both.index)
+    enough = len(streams) >= 2
+    x_groups = _x_groups(data, student, streams, x) if enough else None
+    y_groups = _y_groups(data, student, objective, streams) if x_groups else None
+    rows = []
+    for method in METHODS:
+        value = rank_correlation(both[x], both[Y_MEASURE], method) if enough else np.nan
+        lo = hi = np.nan
+        if x_groups and y_groups:
+            lo, hi = bootstrap_correlation(
+                x_groups, y_groups, method, settings.num_resamples, settings.seed, settings.level
+            )
+        values = (student, objective, x, Y_MEASURE, method, value, lo, hi, len(streams))
+        rows.append(dict(zip(CORRELATION_COLUMNS, values, strict=True)))
+    return rows
+
+
 def correlations(data: ReportData, settings: BootstrapSettings) -> pd.DataFrame:
     """Spearman and Kendall of every x measure against Total Avg across streams, per student
     and objective, with bootstrap intervals where per-problem rows exist (NaN otherwise).
@@ -103,49 +118,10 @@ def correlations(data: ReportData, settings: BootstrapSettings) -> pd.DataFrame:
     rows = []
     for student in data.students:
         for objective in data.objectives:
-            table = data.measures(student, objective)
+            columns = data.measures(student, objective).columns
             for x in x_measures(data):
-                if x not in table.columns:
-                    continue
-                both = table[[x, Y_MEASURE]].dropna()
-                streams = list(both.index)
-                x_groups = _x_groups(data, student, streams, x) if len(streams) >= 2 else None
-                y_groups = _y_groups(data, student, objective, streams) if x_groups else None
-                for method in METHODS:
-                    value = (
-                        rank_correlation(both[x], both[Y_MEASURE], method)
-                        if len(streams) >= 2
-                        else np.nan
-                    )
-                    lo = hi = np.nan
-                    if x_groups and y_groups:
-                        lo, hi = bootstrap_correlation(
-                            x_groups,
-                            y_groups,
-                            method,
-                            settings.num_resamples,
-                            settings.seed,
-                            settings.level,
-                        )
-                    rows.append(
-                        dict(
-                            zip(
-                                CORRELATION_COLUMNS,
-                                (
-                                    student,
-                                    objective,
-                                    x,
-                                    Y_MEASURE,
-                                    method,
-                                    value,
-                                    lo,
-                                    hi,
-                                    len(streams),
-                                ),
-                                strict=True,
-                            )
-                        )
-                    )
+                if x in columns:
+                    rows += _correlation_rows(data, student, objective, x, settings)
     return pd.DataFrame(rows, columns=list(CORRELATION_COLUMNS))
 
 
@@ -209,18 +185,17 @@ def accuracy_table(data: ReportData, student: str, objective: str) -> pd.DataFra
             if pd.isna(acc):
                 absent.append(bench)
         row["total_avg"] = values.get(Y_MEASURE, np.nan) if values is not None else np.nan
-        if data.benchmarks:
-            row["status"] = (
-                "ok"
-                if not absent
-                else "missing"
-                if len(absent) == len(data.benchmarks)
-                else f"missing {', '.join(absent)}"
-            )
-        else:
-            row["status"] = "ok" if pd.notna(row["total_avg"]) else "missing"
+        row["status"] = _status(absent, data.benchmarks, row["total_avg"])
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _status(absent: list[str], benchmarks: list[str], total_avg: float) -> str:
+    if not benchmarks:  # a --from-table report: only Total Avg is known
+        return "ok" if pd.notna(total_avg) else "missing"
+    if not absent:
+        return "ok"
+    return "missing" if len(absent) == len(benchmarks) else f"missing {', '.join(absent)}"
 
 
 def style_shift(data: ReportData, student: str, own: str) -> pd.DataFrame:

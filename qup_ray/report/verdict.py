@@ -44,10 +44,14 @@ def _evidence(low: float, high: float) -> str:
 
 
 EVIDENCE_WORDS = {
-    "strong": "its 95% bootstrap interval excludes zero",
-    "weak": "its 95% bootstrap interval crosses zero, so the evidence is weak",
+    "strong": "its bootstrap interval excludes zero",
+    "weak": "its bootstrap interval crosses zero, so the evidence is weak",
     "no intervals": "no intervals: per-stream numbers only, no per-problem rows to resample",
 }
+
+
+def _interval(ci: tuple[float, float]) -> str:
+    return "" if np.isnan(ci[0]) else f" [{ci[0]:+.3g}, {ci[1]:+.3g}]"
 
 
 def _ranking(table: pd.DataFrame, col: str) -> str:
@@ -55,79 +59,91 @@ def _ranking(table: pd.DataFrame, col: str) -> str:
     return " > ".join(f"{s} ({v:.3g})" for s, v in ordered.items())
 
 
-def _correlation_claim(
-    data: ReportData, corr: pd.DataFrame, student: str, objective: str, x: str, claim: str
-) -> dict:
-    """reward vs accuracy (claim: inverse) or PPL vs accuracy (claim: negative, monotone)."""
+def _rank_evidence(
+    corr: pd.DataFrame, student: str, objective: str, x: str
+) -> tuple[pd.Series | None, str]:
+    """The Spearman row of `x` vs Total Avg and its numbers in words ("" when unusable)."""
     rho = _corr(corr, student, objective, x, "spearman")
     tau = _corr(corr, student, objective, x, "kendall")
-    out = {"student": student, "objective": objective, "claim": claim}
-    name = "reward" if x == "reward" else "PPL"
     if rho is None or rho.n_streams < MIN_STREAMS or np.isnan(rho.value):
-        n = 0 if rho is None else int(rho.n_streams)
-        return {
-            **out,
-            "holds": None,
-            "evidence": "too few streams",
-            "text": f"{name} vs Total Avg: only {n} stream(s) have both values (at least "
-            f"{MIN_STREAMS} needed), no verdict.",
-        }
-    table = data.measures(student, objective)[[x, Y_MEASURE]].dropna()
+        return rho, ""
     interval = "" if np.isnan(rho.ci_low) else f" [{rho.ci_low:+.2f}, {rho.ci_high:+.2f}]"
-    stats = (
+    return rho, (
         f"Spearman rho = {rho.value:+.2f}{interval}, Kendall tau = {tau.value:+.2f} "
         f"over {int(rho.n_streams)} streams"
     )
+
+
+def _too_few(out: dict, rho: pd.Series | None, name: str) -> dict:
+    n = 0 if rho is None else int(rho.n_streams)
+    text = (
+        f"{name} vs Total Avg: only {n} stream(s) have both values (at least {MIN_STREAMS} "
+        "needed), no verdict."
+    )
+    return {**out, "holds": None, "evidence": "too few streams", "text": text}
+
+
+def _reward_claim(data: ReportData, corr: pd.DataFrame, student: str, objective: str) -> dict:
+    """Does the reward ranking invert the utility ranking (the paradox)?"""
+    out = {"student": student, "objective": objective, "claim": "reward_inverts_utility"}
+    rho, stats = _rank_evidence(corr, student, objective, "reward")
+    if not stats:
+        return _too_few(out, rho, "Reward")
     evidence = _evidence(rho.ci_low, rho.ci_high)
     holds = bool(rho.value < 0)
-    if x == "reward":
-        if holds:
-            text = (
-                f"The reward ranking inverts the utility ranking: streams the reward model scores "
-                f"higher train a less accurate student ({stats}) - the quality-utility paradox"
-            )
-        else:
-            text = (
-                f"The reward ranking does not invert the utility ranking: higher reward goes "
-                f"with {'equal' if rho.value == 0 else 'higher'} accuracy ({stats})"
-            )
-        text += f"; {EVIDENCE_WORDS[evidence]}"
-        text += f". By reward: {_ranking(table, x)}; by Total Avg: {_ranking(table, Y_MEASURE)}."
+    if holds:
+        text = (
+            "The reward ranking inverts the utility ranking: streams the reward model scores "
+            f"higher train a less accurate student ({stats}) - the quality-utility paradox"
+        )
     else:
+        relation = "equal" if rho.value == 0 else "higher"
+        text = (
+            "The reward ranking does not invert the utility ranking: higher reward goes with "
+            f"{relation} accuracy ({stats})"
+        )
+    table = data.measures(student, objective)[["reward", Y_MEASURE]].dropna()
+    text += (
+        f"; {EVIDENCE_WORDS[evidence]}. By reward: {_ranking(table, 'reward')}; "
+        f"by Total Avg: {_ranking(table, Y_MEASURE)}."
+    )
+    return {**out, "holds": holds, "evidence": evidence, "text": text}
+
+
+def _ppl_claim(data: ReportData, corr: pd.DataFrame, student: str, objective: str) -> dict:
+    """Does lower PPL go with higher accuracy, monotonically, and in every quarter?"""
+    out = {"student": student, "objective": objective, "claim": "ppl_vs_accuracy"}
+    rho, stats = _rank_evidence(corr, student, objective, "ppl")
+    if not stats:
+        return _too_few(out, rho, "PPL")
+    evidence = _evidence(rho.ci_low, rho.ci_high)
+    holds = bool(rho.value < 0)
+    if not holds:
+        text = f"PPL is not negatively related to accuracy here ({stats}); "
+        text += f"{EVIDENCE_WORDS[evidence]}."
+    else:
+        text = f"Lower PPL goes with higher accuracy ({stats}); {EVIDENCE_WORDS[evidence]}. "
+        table = data.measures(student, objective)[["ppl", Y_MEASURE]].dropna()
+        # Pairs where the lower-PPL stream is not the more accurate one break monotonicity.
         discordant = [
-            (a, b)
+            f"{a} (PPL {table.at[a, 'ppl']:.3g}, {table.at[a, Y_MEASURE]:.3g}) vs "
+            f"{b} (PPL {table.at[b, 'ppl']:.3g}, {table.at[b, Y_MEASURE]:.3g})"
             for a, b in combinations(table.index, 2)
-            if (table.at[a, x] - table.at[b, x]) * (table.at[a, Y_MEASURE] - table.at[b, Y_MEASURE])
+            if (table.at[a, "ppl"] - table.at[b, "ppl"])
+            * (table.at[a, Y_MEASURE] - table.at[b, Y_MEASURE])
             >= 0
         ]
-        if holds:
-            text = f"Lower PPL goes with higher accuracy ({stats}); {EVIDENCE_WORDS[evidence]}. "
-            text += (
-                "PPL is strictly monotone against accuracy."
-                if not discordant
-                else "Not strictly monotone: "
-                + "; ".join(
-                    f"{a} (PPL {table.at[a, x]:.3g}, {table.at[a, Y_MEASURE]:.3g}) vs {b} "
-                    f"(PPL {table.at[b, x]:.3g}, {table.at[b, Y_MEASURE]:.3g})"
-                    for a, b in discordant
-                )
-                + "."
-            )
-        else:
-            text = f"PPL is not negatively related to accuracy here ({stats}); {EVIDENCE_WORDS[evidence]}."
-        quarters = [_corr(corr, student, objective, q, "spearman") for q in QUARTERS]
-        known = [
-            (q, r.value)
-            for q, r in zip(QUARTERS, quarters, strict=True)
-            if r is not None and not np.isnan(r.value)
-        ]
-        if known:
-            negative = sum(v < 0 for _, v in known)
-            text += (
-                f" Per quarter: negative in {negative} of {len(known)} ("
-                + ", ".join(f"{q.removesuffix('_ppl').upper()} {v:+.2f}" for q, v in known)
-                + ")."
-            )
+        text += (
+            f"Not strictly monotone: {'; '.join(discordant)}."
+            if discordant
+            else "PPL is strictly monotone against accuracy."
+        )
+    quarters = [(q, _corr(corr, student, objective, q, "spearman")) for q in QUARTERS]
+    known = [(q, r.value) for q, r in quarters if r is not None and not np.isnan(r.value)]
+    if known:
+        values = ", ".join(f"{q.removesuffix('_ppl').upper()} {v:+.2f}" for q, v in known)
+        negative = sum(v < 0 for _, v in known)
+        text += f" Per quarter: negative in {negative} of {len(known)} ({values})."
     return {**out, "holds": holds, "evidence": evidence, "text": text}
 
 
@@ -161,11 +177,10 @@ def _style_claim(
         all_hold &= bool(row.ppl < ref.ppl and row[Y_MEASURE] > ref[Y_MEASURE])
         ppl_ci, acc_ci = _difference_intervals(data, student, objective, s, settings)
         evidences += [_evidence(*ppl_ci), _evidence(*acc_ci)]
-        ci = lambda c: "" if np.isnan(c[0]) else f" [{c[0]:+.3g}, {c[1]:+.3g}]"  # noqa: E731
         parts.append(
-            f"{s}: PPL {row.ppl:.3g} vs {ref.ppl:.3g} ({row.ppl - ref.ppl:+.3g}{ci(ppl_ci)}), "
+            f"{s}: PPL {row.ppl:.3g} vs {ref.ppl:.3g} ({row.ppl - ref.ppl:+.3g}{_interval(ppl_ci)}), "
             f"Total Avg {row[Y_MEASURE]:.3g} vs {ref[Y_MEASURE]:.3g} "
-            f"({row[Y_MEASURE] - ref[Y_MEASURE]:+.3g}{ci(acc_ci)})"
+            f"({row[Y_MEASURE] - ref[Y_MEASURE]:+.3g}{_interval(acc_ci)})"
         )
     evidence = next((e for e in ("no intervals", "weak") if e in evidences), "strong")
     lead = (
@@ -174,8 +189,8 @@ def _style_claim(
         else "Style alignment does not both lower PPL and raise accuracy over oracle refinement"
     )
     tail = {
-        "strong": "every difference's 95% bootstrap interval excludes zero",
-        "weak": "a difference's 95% bootstrap interval crosses zero, so the evidence is weak",
+        "strong": "every difference's bootstrap interval excludes zero",
+        "weak": "a difference's bootstrap interval crosses zero, so the evidence is weak",
         "no intervals": EVIDENCE_WORDS["no intervals"],
     }[evidence]
     return {
@@ -189,7 +204,7 @@ def _style_claim(
 def _difference_intervals(
     data: ReportData, student: str, objective: str, stream: str, settings: BootstrapSettings
 ) -> tuple[tuple[float, float], tuple[float, float]]:
-    """95% intervals of (stream - oracle_refined) PPL (paired over problems) and Total Avg
+    """Bootstrap intervals of (stream - oracle_refined) PPL (paired over problems) and Total Avg
     (paired over each benchmark's problems); NaN without per-problem rows."""
     nan = (np.nan, np.nan)
     a, b = data.problems.get((student, stream)), data.problems.get((student, REFINED_STREAM))
@@ -224,13 +239,7 @@ def verdicts(data: ReportData, corr: pd.DataFrame, settings: BootstrapSettings) 
     rows = []
     for student in data.students:
         for objective in data.objectives:
-            rows.append(
-                _correlation_claim(
-                    data, corr, student, objective, "reward", "reward_inverts_utility"
-                )
-            )
-            rows.append(
-                _correlation_claim(data, corr, student, objective, "ppl", "ppl_vs_accuracy")
-            )
+            rows.append(_reward_claim(data, corr, student, objective))
+            rows.append(_ppl_claim(data, corr, student, objective))
             rows.append(_style_claim(data, student, objective, settings))
     return pd.DataFrame(rows, columns=list(VERDICT_COLUMNS))
