@@ -345,6 +345,12 @@ def test_accuracy_and_interval_match_an_independent_computation(full_report) -> 
     totals = [np.mean([p.mean() * 100 for p in acc[s]]) for s in streams]
     table = pd.read_csv(out / f"accuracy_{student}_{objective}.csv").set_index("stream")
     assert table.loc[streams, "total_avg"].to_numpy() == pytest.approx(totals)
+    # Spread: std (ddof=1) over the k sample sets of the accuracy each set gives alone.
+    rows = pd.read_parquet(
+        root / "eval" / student / "slm_rft" / objective / f"{benches[0]}.parquet"
+    )
+    per_set = rows.correct.fillna(False).astype(float).groupby(rows.sample_idx).mean() * 100
+    assert table.loc["slm_rft", f"{benches[0]} spread"] == pytest.approx(per_set.std(ddof=1))
     # The PPL/Total Avg Spearman interval, recomputed with scipy in a plain loop following the
     # documented draw order: every resample of the shared problems, then of each benchmark's.
     ppl = np.stack(

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from qup_ray import metrics
 from qup_ray.config import ExperimentConfig
 from qup_ray.rundir import MANIFEST, read_parquet, train_cells
 
@@ -168,16 +169,14 @@ def _problem_values(
     return df
 
 
-def benchmark_accuracy(samples: pd.DataFrame) -> tuple[pd.Series, float]:
-    """Per-problem accuracy (mean of `correct` over its samples, 0-1) and the std over sample
-    indices of each sample's accuracy (percent): Avg@k's spread across samples. A sample whose
-    answer could not be checked (`correct` null) counts as not correct."""
-    correct = samples["correct"].astype("boolean").fillna(False).astype(float)
-    frame = samples.assign(correct=correct)
-    per_problem = frame.groupby("problem_id")["correct"].mean()
-    per_sample = frame.groupby("sample_idx")["correct"].mean() * 100
-    spread = float(per_sample.std(ddof=1)) if len(per_sample) > 1 else 0.0
-    return per_problem, spread
+def benchmark_accuracy(samples: pd.DataFrame) -> tuple[pd.Series, float, float]:
+    """Per-problem accuracy (fraction of its samples verified correct; the bootstrap's unit),
+    Avg@k and its spread over the k sample sets (percent), with the eval stage's formulas
+    (`qup_ray.metrics`): an unverifiable sample counts as wrong."""
+    ids, table = metrics.correctness_table(samples.to_dict("records"))
+    per_problem = pd.Series([sum(row) / len(row) for row in table], index=ids, dtype=float)
+    spread = metrics.avg_at_k_std(table)
+    return per_problem, metrics.avg_at_k(table) * 100, np.nan if spread is None else spread * 100
 
 
 def _eval_cell(
@@ -198,13 +197,12 @@ def _eval_cell(
                 }
             )
             continue
-        per_problem, spread = benchmark_accuracy(read_parquet(path).to_pandas())
+        per_problem, avg, spread = benchmark_accuracy(read_parquet(path).to_pandas())
         data.bench_problems[(student, stream, objective, bench)] = per_problem
-        row[acc_col(bench)] = float(per_problem.mean() * 100)
-        row[spread_col(bench)] = spread
+        row[acc_col(bench)], row[spread_col(bench)] = avg, spread
         found += 1
     if found and found == len(data.benchmarks):
-        row["total_avg"] = float(np.mean([row[acc_col(b)] for b in data.benchmarks]))
+        row["total_avg"] = metrics.total_avg({b: row[acc_col(b)] for b in data.benchmarks})
     if found and not _finished(folder):
         logger.info("%s has benchmark files but no manifest: evaluation still running", folder)
     return row
