@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from qup_ray.cli import app
 from qup_ray.config import CONFIGS_DIR, load_config
 from qup_ray.report import BootstrapSettings, from_run_dir, from_table
-from qup_ray.report.analysis import correlations
+from qup_ray.report.analysis import accuracy_table, correlations
 from qup_ray.report.correlation import (
     bootstrap_mean,
     rank_correlation,
@@ -488,3 +488,20 @@ def test_report_html_renders_in_headless_chromium(full_report, tmp_path: Path) -
     for rgb in ((31, 119, 180), (255, 127, 14), (44, 160, 44)):
         hits = (np.abs(page - np.array(rgb)).sum(axis=2) <= 6).sum()
         assert hits > 500, f"no plot pixels of colour {rgb} in the rendered page ({hits})"
+
+
+def test_streams_left_out_of_training_are_not_missing(tmp_path: Path) -> None:
+    trained = ["slm_rft", "oracle_refined", "style_aligned_rule"]
+    cfg = make_run_dir(tmp_path, **{"training.streams": f"[{','.join(trained)}]"})
+    unit = cfg.run_dir / "eval" / "tiny-qwen" / "slm_rft" / "sft" / "synthetic_test"
+    unit.mkdir()  # a (model, benchmark) unit without its manifest: still being evaluated
+    data = from_run_dir(cfg)
+    assert data.untrained == {"oracle_synthesized", "numina_subset"}
+    assert [m["what"] for m in data.missing] == ["eval tiny-qwen/slm_rft/sft synthetic_test"]
+    assert data.missing[0]["reason"] == "being evaluated"
+    corr = correlations(data, BootstrapSettings(num_resamples=50))
+    assert set(corr[corr.objective == "dft"].n_streams) == {3}
+    assert set(corr[(corr.student == "tiny-qwen") & (corr.objective == "sft")].n_streams) == {2}
+    table = accuracy_table(data, "tiny-qwen", "dft").set_index("stream")
+    assert table.loc["numina_subset", "status"] == "not trained (training.streams)"
+    assert table.loc["slm_rft", "status"] == "ok"

@@ -185,7 +185,11 @@ def accuracy_table(data: ReportData, student: str, objective: str) -> pd.DataFra
             if pd.isna(acc):
                 absent.append(bench)
         row["total_avg"] = values.get(Y_MEASURE, np.nan) if values is not None else np.nan
-        row["status"] = _status(absent, data.benchmarks, row["total_avg"])
+        row["status"] = (
+            "not trained (training.streams)"
+            if stream in data.untrained
+            else _status(absent, data.benchmarks, row["total_avg"])
+        )
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -20,7 +20,7 @@ import pandas as pd
 
 from qup_ray import metrics
 from qup_ray.config import ExperimentConfig
-from qup_ray.rundir import MANIFEST, read_parquet, train_cells
+from qup_ray.rundir import MANIFEST, read_parquet, train_cells, train_streams
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ class ReportData:
     """(student, stream, objective, benchmark) -> per-problem accuracy (mean over samples, 0-1)."""
     curves: dict[tuple[str, str, str], pd.DataFrame] = field(default_factory=dict)
     """(student, stream, objective) -> training metrics (step, ce, ...)."""
+    untrained: set[str] = field(default_factory=set)
+    """Streams the config leaves out of training and evaluation (`training.streams`)."""
     missing: list[dict[str, str]] = field(default_factory=list)
     """What the report expected and did not find: what, path, reason."""
 
@@ -188,12 +190,15 @@ def _eval_cell(
     found = 0
     for bench in data.benchmarks:
         path = folder / f"{bench}.parquet"
-        if not path.is_file():
+        # The eval stage finishes a (model, benchmark) unit with `<bench>/_manifest.json` just
+        # after writing its rows; a unit folder without one is still being evaluated.
+        running = (folder / bench).is_dir() and not _finished(folder / bench)
+        if running or not path.is_file():
             data.missing.append(
                 {
                     "what": f"eval {student}/{stream}/{objective} {bench}",
                     "path": f"eval/{student}/{stream}/{objective}/{bench}.parquet",
-                    "reason": "not evaluated yet",
+                    "reason": "being evaluated" if running else "not evaluated yet",
                 }
             )
             continue
@@ -221,6 +226,7 @@ def from_run_dir(cfg: ExperimentConfig, root: str | Path | None = None) -> Repor
         stream_names={s: list(streams) for s in students},
         reward_models=list(cfg.scoring.reward_models),
         benchmarks=list(cfg.evaluation.benchmarks),
+        untrained=set(streams) - set(train_streams(cfg)),
     )
     rows = []
     for student in students:
@@ -241,9 +247,13 @@ def from_run_dir(cfg: ExperimentConfig, root: str | Path | None = None) -> Repor
                 if data.reward_models and f"reward-{data.reward_models[0]}" in means:
                     means["reward"] = means[f"reward-{data.reward_models[0]}"]
             for objective in data.objectives:
-                metrics = root / "train" / student / stream / objective / "metrics.parquet"
-                if metrics.is_file():
-                    data.curves[(student, stream, objective)] = read_parquet(metrics).to_pandas()
+                row = {"student": student, "objective": objective, "stream": stream, **means}
+                if stream in data.untrained:
+                    rows.append(row)
+                    continue
+                curve_path = root / "train" / student / stream / objective / "metrics.parquet"
+                if curve_path.is_file():
+                    data.curves[(student, stream, objective)] = read_parquet(curve_path).to_pandas()
                 else:
                     data.missing.append(
                         {
@@ -252,16 +262,10 @@ def from_run_dir(cfg: ExperimentConfig, root: str | Path | None = None) -> Repor
                             "reason": "not trained yet",
                         }
                     )
-                row = {"student": student, "objective": objective, "stream": stream, **means}
                 rows.append({**row, **_eval_cell(data, root, student, stream, objective)})
-        rows.append(
-            {
-                "student": student,
-                "objective": BASE,
-                "stream": BASE,
-                **_eval_cell(data, root, student, BASE, BASE),
-            }
-        )
+        if cfg.evaluation.evaluate_base:
+            base = _eval_cell(data, root, student, BASE, BASE)
+            rows.append({"student": student, "objective": BASE, "stream": BASE, **base})
     frame = pd.DataFrame(rows)
     for col in ("reward", "total_avg", "ppl"):
         if col not in frame.columns:

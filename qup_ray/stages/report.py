@@ -22,8 +22,9 @@ logger = logging.getLogger(__name__)
 
 
 def _finished_inputs(root: Path) -> list[Path]:
-    """Every finished stage folder the report reads (scores, streams/final, train, eval cells)."""
-    patterns = ("scores/*/*", "streams/*/final", "train/*/*/*", "eval/*/*/*")
+    """Every finished stage folder the report reads: scores, streams/final, train cells, eval
+    cells and their (model, benchmark) units."""
+    patterns = ("scores/*/*", "streams/*/final", "train/*/*/*", "eval/*/*/*", "eval/*/*/*/*")
     found = {p.parent for pattern in patterns for p in root.glob(f"{pattern}/{MANIFEST}")}
     return sorted(found)
 
