@@ -604,6 +604,7 @@ class ExperimentConfig(StrictModel):
     evaluation: EvaluationConfig
     grading: GradingConfig = GradingConfig()
     report: ReportConfig = ReportConfig()
+    """Bootstrap settings of the report's intervals."""
     ray: RayConfig = RayConfig()
     cpu_world: CpuWorldSettings = CpuWorldSettings()
     """Tiny models and synthetic data used by `cpu-world:` refs (dry runs, tests)."""
