@@ -303,6 +303,9 @@ def test_run_dir_report_has_every_table_and_plot(full_report) -> None:
 
     quality = pd.read_csv(out / f"quality_{next(iter(run_cfg.students))}.csv").set_index("stream")
     assert quality.loc["slm_rft", "n_problems"] == NUM_PROBLEMS
+    assert quality.index[0] == "base" and np.isnan(quality.loc["base", "ppl"])
+    base_acc = pd.read_csv(out / f"accuracy_{next(iter(run_cfg.students))}_dft.csv")
+    assert quality.loc["base", "dft total_avg"] == pytest.approx(base_acc.total_avg[0])
     assert {
         f"reward-{rms[0]} ci_low",
         "q4_ppl",

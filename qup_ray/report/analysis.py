@@ -135,8 +135,9 @@ def _stream_value(data: ReportData, student: str, stream: str, col: str) -> floa
 
 
 def quality_table(data: ReportData, student: str, settings: BootstrapSettings) -> pd.DataFrame:
-    """One row per stream: reward means with 95% intervals, PPL, Q1..Q4, retention, style, and
-    the Total Avg of each objective (the paper's main table). Columns no stream has are left out."""
+    """One row per stream: reward means with intervals, PPL, Q1..Q4, retention, style, and the
+    Total Avg of each objective (the paper's main table), after the base student's Total Avg.
+    Columns no stream has are left out."""
     rows = []
     rewards = [f"reward-{rm}" for rm in data.reward_models] or ["reward"]
     for stream in data.stream_names[student]:
@@ -159,6 +160,11 @@ def quality_table(data: ReportData, student: str, settings: BootstrapSettings) -
             total = table[Y_MEASURE].get(stream, np.nan) if Y_MEASURE in table.columns else np.nan
             row[f"{objective} total_avg"] = total
         rows.append(row)
+    base = data.base_row(student)
+    if base is not None:  # the untrained student: the reference every stream should beat
+        rows.insert(
+            0, {"stream": BASE, **{f"{o} total_avg": base.get(Y_MEASURE) for o in data.objectives}}
+        )
     return pd.DataFrame(rows).dropna(axis=1, how="all")
 
 
