@@ -58,13 +58,6 @@ def _write_csv(out_dir: Path, name: str, df: pd.DataFrame) -> Path:
     return write_text(out_dir / f"{name}.csv", df.to_csv(index=False))
 
 
-def _figure(doc: Document, path: Path | None, caption: str, what: str) -> None:
-    if path is None:
-        doc.add("p", f"{what}: no data yet.")
-    else:
-        doc.add("image", (path, caption))
-
-
 def build_report(
     data: ReportData, out_dir: str | Path, settings: BootstrapSettings
 ) -> dict[str, int]:
@@ -106,69 +99,9 @@ def build_report(
 
     for student in data.students:
         doc.add("h2", f"Student {student}")
-        quality = quality_table(data, student, settings)
-        _write_csv(out_dir, _slug("quality", student), quality)
-        doc.add("h3", "Perceived quality and adaptation cost per stream")
-        doc.add("table", _with_intervals(quality))
-        for objective in data.objectives:
-            acc = accuracy_table(data, student, objective)
-            _write_csv(out_dir, _slug("accuracy", student, objective), acc)
-            doc.add("h3", f"Accuracy, {objective}")
-            doc.add("table", acc)
-        doc.add("h3", "Correlations across streams")
-        doc.add("table", corr[corr.student == student].drop(columns="student"))
-
+        _student_tables(doc, data, student, corr, out_dir, settings)
         doc.add("h3", "Plots")
-        base = out_dir / _slug(student)
-        _figure(
-            doc,
-            plots.ppl_vs_accuracy(data, student, Path(f"{base}_ppl_vs_accuracy.png")),
-            "Global PPL against Total Avg, labelled by stream",
-            "PPL vs Total Avg",
-        )
-        _figure(
-            doc,
-            plots.quarter_ppl(data, student, Path(f"{base}_quarter_ppl.png")),
-            "PPL per quarter Q1..Q4 of the traces, per stream",
-            "Q1..Q4 PPL",
-        )
-        _figure(
-            doc,
-            plots.reward_rank_vs_accuracy_rank(data, student, Path(f"{base}_reward_rank.png")),
-            "Rank by reward against rank by Total Avg (dashed: agreement)",
-            "Reward rank vs accuracy rank",
-        )
-        shift = style_shift(data, student, OWN_STREAM)
-        if not shift.empty:
-            _write_csv(out_dir, _slug("style_shift", student), shift.reset_index(names="stream"))
-        _figure(
-            doc,
-            plots.style_shift_bars(
-                shift,
-                data.stream_names[student],
-                student,
-                OWN_STREAM,
-                Path(f"{base}_style_shift.png"),
-            ),
-            f"Token-category frequency of each stream minus {OWN_STREAM}",
-            "Token-category shift",
-        )
-        _figure(
-            doc,
-            plots.training_curves(data, student, Path(f"{base}_training_curves.png")),
-            "Cross-entropy against optimizer step, per stream",
-            "Training curves",
-        )
-        for objective in data.objectives:
-            path = plots.benchmark_bars(
-                data, student, objective, Path(f"{base}_{_slug(objective)}_benchmarks.png")
-            )
-            _figure(
-                doc,
-                path,
-                f"Avg@k per benchmark, {objective} (error bars: std across samples)",
-                f"Per-benchmark accuracy, {objective}",
-            )
+        _student_plots(doc, data, student, out_dir)
 
     write_text(out_dir / "report.md", doc.to_markdown())
     write_text(out_dir / "report.html", doc.to_html("qup_ray report"))
@@ -185,3 +118,80 @@ def build_report(
         "missing": len(missing),
         "figures": sum(1 for k, _ in doc.blocks if k == "image"),
     }
+
+
+def _student_tables(
+    doc: Document,
+    data: ReportData,
+    student: str,
+    corr: pd.DataFrame,
+    out_dir: Path,
+    settings: BootstrapSettings,
+) -> None:
+    quality = quality_table(data, student, settings)
+    _write_csv(out_dir, _slug("quality", student), quality)
+    doc.add("h3", "Perceived quality and adaptation cost per stream")
+    doc.add("table", _with_intervals(quality))
+    for objective in data.objectives:
+        acc = accuracy_table(data, student, objective)
+        _write_csv(out_dir, _slug("accuracy", student, objective), acc)
+        doc.add("h3", f"Accuracy, {objective}")
+        doc.add("table", acc)
+    shift = style_shift(data, student, OWN_STREAM)
+    if not shift.empty:
+        _write_csv(out_dir, _slug("style_shift", student), shift.reset_index(names="stream"))
+    doc.add("h3", "Correlations across streams")
+    doc.add("table", corr[corr.student == student].drop(columns="student"))
+
+
+def _student_plots(doc: Document, data: ReportData, student: str, out_dir: Path) -> None:
+    def png(name: str) -> Path:
+        return out_dir / f"{_slug(student)}_{name}.png"
+
+    figures = [
+        (
+            plots.ppl_vs_accuracy(data, student, png("ppl_vs_accuracy")),
+            "Global PPL against Total Avg, labelled by stream",
+            "PPL vs Total Avg",
+        ),
+        (
+            plots.quarter_ppl(data, student, png("quarter_ppl")),
+            "PPL per quarter Q1..Q4 of the traces, per stream",
+            "Q1..Q4 PPL",
+        ),
+        (
+            plots.reward_rank_vs_accuracy_rank(data, student, png("reward_rank")),
+            "Rank by reward against rank by Total Avg (dashed: agreement)",
+            "Reward rank vs accuracy rank",
+        ),
+        (
+            plots.style_shift_bars(
+                style_shift(data, student, OWN_STREAM),
+                data.stream_names[student],
+                student,
+                OWN_STREAM,
+                png("style_shift"),
+            ),
+            f"Token-category frequency of each stream minus {OWN_STREAM}",
+            "Token-category shift",
+        ),
+        (
+            plots.training_curves(data, student, png("training_curves")),
+            "Cross-entropy against optimizer step, per stream",
+            "Training curves",
+        ),
+    ]
+    for objective in data.objectives:
+        path = plots.benchmark_bars(data, student, objective, png(f"{_slug(objective)}_benchmarks"))
+        figures.append(
+            (
+                path,
+                f"Avg@k per benchmark, {objective} (error bars: std across samples)",
+                f"Per-benchmark accuracy, {objective}",
+            )
+        )
+    for path, caption, what in figures:
+        if path is None:
+            doc.add("p", f"{what}: no data yet.")
+        else:
+            doc.add("image", (path, caption))
