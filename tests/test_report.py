@@ -26,7 +26,7 @@ from qup_ray.report.correlation import (
     rank_correlation,
     rank_correlation_rows,
 )
-from qup_ray.rundir import MANIFEST, RunDir, read_json, write_json, write_parquet
+from qup_ray.rundir import MANIFEST, RunDir, StageError, read_json, write_json, write_parquet
 from qup_ray.stages import report as report_stage
 
 PAPER_TABLE = Path(__file__).parent / "data" / "paper_qwen2.5_math_1.5b.csv"
@@ -508,3 +508,12 @@ def test_streams_left_out_of_training_are_not_missing(tmp_path: Path) -> None:
     table = accuracy_table(data, "tiny-qwen", "dft").set_index("stream")
     assert table.loc["numina_subset", "status"] == "not trained (training.streams)"
     assert table.loc["slm_rft", "status"] == "ok"
+
+
+def test_report_of_a_run_with_nothing_scored_is_a_user_error(tmp_path: Path) -> None:
+    cfg = load_config(CONFIGS_DIR / "dryrun.yaml", [f"output_dir={tmp_path}"])
+    RunDir.for_config(cfg).save_config(cfg)
+    result = CliRunner().invoke(app, ["report", str(cfg.run_dir)])
+    assert isinstance(result.exception, StageError) and "nothing to report yet" in str(
+        result.exception
+    )
