@@ -9,4 +9,5 @@ BENCHES: dict[str, str] = {
     "oracle": "qup_ray.bench.oracle",
     "ppl": "qup_ray.bench.ppl",
     "rollouts": "qup_ray.bench.rollouts",
+    "train": "qup_ray.bench.train",
 }
