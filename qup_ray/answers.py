@@ -4,14 +4,16 @@ Every stage that grades a response (rejection sampling, evaluation, `qup grade`)
 this module, so "correct" means the same thing everywhere:
 
 1. `extract_answer` takes the final answer out of a response: the last `\\boxed{...}` /
-   `\\fbox{...}` (or `\\boxed 5`) by default; in lenient mode it falls back to "the answer is X",
+   `\\fbox{...}` (or `\\boxed 5`) with the boxes that only commas or "and"/"or" separate
+   from it (`answer_parts`), by default; in lenient mode it falls back to "the answer is X",
    then to the last number, and says which rule fired (`Extraction.mode`).
 2. `screen_answer` refuses answers that are too long (over `MAX_ANSWER_CHARS`), too deeply
    nested (over `MAX_NESTING_DEPTH` brackets) or look like code, before any parser sees them:
    status "parse_error", at once.
 3. `Gold.parse` parses a gold answer once (reuse it for the 8 or 16 samples of a problem), and
    `compare` verifies an extracted answer against it: `quick_verdict` settles plain numbers and
-   identical text exactly, everything else goes to math-verify's LaTeX parser and `verify`.
+   identical text exactly, explicit rules settle systems, `\\neq`, and decimals that round an
+   exact value, everything else goes to math-verify's LaTeX parser and `verify`.
 
 `check` chains them in this process and is *not* bounded in time: a model can write an answer
 whose comparison never ends (`9^{9^{9^{9}}}`). Grade untrusted text with
