@@ -1,0 +1,511 @@
+"""Stage `eval`: Avg@k, pass@k and maj@k of every trained model and every base student.
+
+    qup run eval -c configs/paper.yaml
+
+1. The benchmarks are loaded once (`qup_ray.data`, hub ids and field maps in the config) and
+   written to `eval/benchmarks/<benchmark>.parquet` (with a `-rejected` table of unusable rows).
+2. Each model, a *cell*: a trained export `train/<student>/<stream>/<objective>/model/`, or a
+   base student, the reference cell `<student>/base/base`. A cell whose export is missing is
+   recorded (`_blocked.json`, shown by `qup status`, listed in `eval/_manifest.json`) and the
+   others go on.
+3. k samples per problem with the student's prompt (`qup_ray.encoding`), generated and graded
+   by the rollouts' pipeline (`engines.generate_and_grade`): one model's engine actors at a
+   time, all its unfinished (benchmark, shard)s in one pass, so a model's engines start once.
+   Every (model, benchmark) is a unit with its own manifest and resumable shards.
+4. Per-sample rows in `eval/<cell>/<benchmark>.parquet`; one row per (student, stream,
+   objective, benchmark) in `eval/summary.parquet` (`qup_ray.metrics.summarize`) and the
+   Total Avg of every model with all its benchmarks done in `eval/totals.parquet`.
+
+One job evaluates many models inside one Ray cluster; `cells` restricts it to some (the SLURM
+grid runs one job per cell). Every job rebuilds the two summary tables from the finished units.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from qup_ray import metrics
+from qup_ray.config import ExperimentConfig, result_view
+from qup_ray.data import PROBLEM_SCHEMA, load_problems
+from qup_ray.data import REJECTED_SCHEMA as BENCHMARK_REJECTED_SCHEMA
+from qup_ray.encoding import ChatFormat, fit_generation
+from qup_ray.engines import generate_and_grade, request_seed
+from qup_ray.models import engine_max_len, resolve_model
+from qup_ray.prompts import load_prompt
+from qup_ray.rundir import (
+    BLOCKED,
+    MANIFEST,
+    REJECTED_SCHEMA,
+    RunDir,
+    Stage,
+    StageError,
+    content_fingerprint,
+    eval_cells,
+    manifest_fingerprint,
+    read_json,
+    rejected_row,
+    stable_hash,
+    write_json,
+    write_parquet,
+)
+
+logger = logging.getLogger(__name__)
+
+BASE = "base"
+SAMPLE_SCHEMA = pa.schema(
+    [("problem_id", pa.string()), ("sample_idx", pa.int64()), ("response", pa.string()),
+     ("extracted", pa.string()), ("correct", pa.bool_()), ("status", pa.string()),
+     ("num_tokens", pa.int64()), ("finish_reason", pa.string())]
+)  # fmt: skip
+
+
+@dataclass
+class Unit:
+    """One (model, benchmark): its stage folder, requests and the shards still to generate."""
+
+    benchmark: str
+    stage: Stage
+    requests: list[dict] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+    done_shards: set[int] = field(default_factory=set)
+
+
+# --------------------------------------------------------------------------------------------
+# Benchmarks and models
+# --------------------------------------------------------------------------------------------
+
+
+def load_benchmarks(cfg: ExperimentConfig, run: RunDir) -> dict[str, list[dict]]:
+    """Every configured benchmark's problems (first `max_problems_per_benchmark`), written to
+    `eval/benchmarks/` with the rows that could not be used."""
+    out = {}
+    for name, bench in cfg.evaluation.benchmarks.items():
+        loaded, rejected = load_problems(bench.source, name)
+        rows, seen = [], set()
+        for i, row in enumerate(loaded):
+            if row["problem_id"] in seen:  # the same problem twice would be scored twice
+                rejected.append(
+                    {
+                        "row_index": i,
+                        "benchmark": name,
+                        "reason": "duplicate problem",
+                        "raw": row["problem"][:2000],
+                    }
+                )
+                continue
+            seen.add(row["problem_id"])
+            rows.append(row)
+        cap = cfg.evaluation.max_problems_per_benchmark
+        rows = rows[:cap] if cap else rows
+        folder = run.root / "eval" / "benchmarks"
+        write_parquet(folder / f"{name}.parquet", pa.Table.from_pylist(rows, PROBLEM_SCHEMA))
+        write_parquet(
+            folder / f"{name}-rejected.parquet",
+            pa.Table.from_pylist(rejected, BENCHMARK_REJECTED_SCHEMA),
+        )
+        logger.info("benchmark %s: %d problems, %d rows rejected", name, len(rows), len(rejected))
+        out[name] = rows
+    return out
+
+
+def model_source(cfg: ExperimentConfig, run: RunDir, cell: str) -> tuple[str | None, Path | None]:
+    """(model path, train cell folder) of a cell; (None, folder) when the export is missing.
+    A base cell's model is its student's configured checkpoint and has no train folder."""
+    student, stream, _ = cell.split("/")
+    if stream == BASE:
+        return resolve_model(cfg.students[student].path, cfg), None
+    train_dir = run.root / "train" / cell
+    if not (train_dir / MANIFEST).is_file() or not (train_dir / "model").is_dir():
+        return None, train_dir
+    return str(train_dir / "model"), train_dir
+
+
+def unit_hash(cfg: ExperimentConfig, cell: str, benchmark: str, problems: list[dict]) -> str:
+    """What decides a unit's samples: sampling settings, grading, the student's model settings
+    and prompt text, the benchmark's content (ids and gold answers), and for a base cell the
+    checkpoint reference (a train cell's model is an input, fingerprinted by its manifest)."""
+    e = cfg.evaluation
+    student, stream, _ = cell.split("/")
+    model = cfg.students[student]
+    sampling = {
+        k: getattr(e, k) for k in ("num_samples", "temperature", "top_p", "max_new_tokens", "seed")
+    }
+    model_view = result_view(model) if stream == BASE else result_view(model.engine)
+    world = (
+        cfg.cpu_world.hashed_fields()
+        if stream == BASE and model.path.startswith("cpu-world:")
+        else None
+    )
+    content = [(p["problem_id"], p["problem"], p["answer"]) for p in problems]
+    return stable_hash(
+        sampling,
+        result_view(cfg.grading),
+        model_view,
+        model.prompt,
+        load_prompt(model.prompt),
+        benchmark,
+        content,
+        world,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------
+
+
+def build_requests(
+    cfg: ExperimentConfig, fmt: ChatFormat, limit: int, benchmark: str, problems: list[dict]
+) -> tuple[list[dict], list[dict]]:
+    """One request per problem (prompt ids, seed, generation limit fitted to the engine's
+    context), and the problems whose prompt alone fills the context."""
+    requests, rejected = [], []
+    for p in problems:
+        ids = fmt.prompt_ids(p["problem"])
+        max_tokens = fit_generation(len(ids), cfg.evaluation.max_new_tokens, limit)
+        if max_tokens is None:
+            rejected.append(
+                rejected_row(
+                    p["problem_id"], "prompt_over_context", len(ids), limit, table=benchmark
+                )
+            )
+            continue
+        requests.append(
+            {
+                "problem_id": p["problem_id"],
+                "answer": p["answer"],
+                "prompt_ids": ids,
+                "max_tokens": max_tokens,
+                "seed": request_seed(cfg.evaluation.seed, benchmark, p["problem_id"]),
+            }
+        )
+    return requests, rejected
+
+
+def engine_batch_size(batch_size: int, shard_size: int) -> int:
+    """The largest batch size <= `batch_size` dividing `shard_size`, so engine batches do not
+    straddle shards and a resumed run feeds the engine the batches an unbroken run does."""
+    return max(d for d in range(1, min(batch_size, shard_size) + 1) if shard_size % d == 0)
+
+
+def generate(
+    cfg: ExperimentConfig, cell: str, model_path: str, fmt: ChatFormat, units: list[Unit]
+) -> None:
+    """One generate -> grade pass over every unfinished shard of the model's units; each shard
+    is written as soon as all its samples are graded."""
+    e, student = cfg.evaluation, cell.split("/")[0]
+    pending = [
+        dict(q, unit=u, shard=i // e.shard_size)
+        for u, unit in enumerate(units)
+        for i, q in enumerate(unit.requests)
+        if i // e.shard_size not in unit.done_shards
+    ]
+    if not pending:
+        return
+    expected = Counter((q["unit"], q["shard"]) for q in pending)
+    position = {(q["unit"], q["problem_id"]): i for i, q in enumerate(pending)}
+    engine = cfg.students[student].engine
+    sampling = {
+        "n": e.num_samples,
+        "temperature": e.temperature,
+        "top_p": e.top_p,
+        "max_tokens": e.max_new_tokens,
+        "stop_token_ids": list(fmt.stop_token_ids),
+    }
+    ds = generate_and_grade(
+        pending,
+        model_path,
+        engine,
+        sampling=sampling,
+        grading=cfg.grading,
+        batch_size=engine_batch_size(engine.batch_size, e.shard_size),
+        cache_dir=str(cfg.cpu_world.cache_root()),
+        tags={"student": student, "stage": "eval"},
+    )
+    buffers: dict[tuple[int, int], list[dict]] = defaultdict(list)
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for row in batch.to_pylist():
+            key = (row["unit"], row["shard"])
+            buffers[key].append(row)
+            if len(buffers[key]) == expected[key] * e.num_samples:
+                rows = sorted(
+                    buffers.pop(key),
+                    key=lambda r: (position[(r["unit"], r["problem_id"])], r["sample_idx"]),
+                )
+                unit = units[key[0]]
+                table = pa.Table.from_pylist(
+                    [{k: r.get(k) for k in SAMPLE_SCHEMA.names} for r in rows], SAMPLE_SCHEMA
+                )
+                unit.stage.write_shard(key[1], table)
+                logger.info("%s: shard %d written", unit.stage.dir, key[1])
+    if buffers:
+        raise RuntimeError(f"{cell}: incomplete shards after generation: {sorted(buffers)}")
+
+
+# --------------------------------------------------------------------------------------------
+# One model
+# --------------------------------------------------------------------------------------------
+
+
+def run_cell(
+    cfg: ExperimentConfig, run: RunDir, cell: str, benchmarks: dict[str, list[dict]], force: bool
+) -> str:
+    """Evaluate one model on every benchmark: "done", or "blocked" when its export is missing."""
+    cell_dir = run.root / "eval" / cell
+    model_path, train_dir = model_source(cfg, run, cell)
+    if model_path is None:
+        reason = f"no exported model in {train_dir}: run `qup run train` for this cell first"
+        logger.warning("eval %s: %s", cell, reason)
+        write_json(cell_dir / BLOCKED, {"reason": reason, "time": time.time()})
+        return "blocked"
+    with contextlib.suppress(FileNotFoundError):
+        (cell_dir / BLOCKED).unlink()
+    inputs = [train_dir] if train_dir is not None else []
+    units = [
+        Unit(
+            name,
+            Stage(
+                cell_dir / name, unit_hash(cfg, cell, name, problems), inputs=inputs, force=force
+            ),
+        )
+        for name, problems in benchmarks.items()
+    ]
+    todo = [u for u in units if not u.stage.is_done()]
+    if todo:
+        with contextlib.suppress(FileNotFoundError):
+            (cell_dir / MANIFEST).unlink()  # the cell is not finished until its units are
+        evaluate_units(cfg, cell, model_path, todo, benchmarks)
+    write_cell_manifest(cfg, cell_dir, cell, units, train_dir)
+    return "done"
+
+
+def evaluate_units(
+    cfg: ExperimentConfig,
+    cell: str,
+    model_path: str,
+    units: list[Unit],
+    benchmarks: dict[str, list[dict]],
+) -> None:
+    """Generate the units' missing shards with one engine pass, then finish each unit."""
+    student = cell.split("/")[0]
+    model = cfg.students[student]
+    fmt = ChatFormat.for_model(model_path, model.prompt)
+    limit = engine_max_len(model.engine, model_path)
+    with contextlib.ExitStack() as stack:
+        for unit in units:
+            stack.enter_context(unit.stage.running())
+            problems = benchmarks[unit.benchmark]
+            unit.requests, unit.rejected = build_requests(cfg, fmt, limit, unit.benchmark, problems)
+            num_shards = math.ceil(len(unit.requests) / cfg.evaluation.shard_size)
+            unit.done_shards = unit.stage.plan_shards(num_shards)
+        with contextlib.ExitStack() as timers:
+            for unit in units:
+                timers.enter_context(unit.stage.timed("generate_and_grade"))
+            generate(cfg, cell, model_path, fmt, units)
+        for unit in units:
+            finish_unit(cfg, cell, unit, model_path)
+
+
+def finish_unit(cfg: ExperimentConfig, cell: str, unit: Unit, model_path: str) -> None:
+    """Per-sample table beside the unit folder, the unit's rejected table, summary, manifest."""
+    table = unit.stage.read_shards()
+    table = (
+        table.select(SAMPLE_SCHEMA.names).cast(SAMPLE_SCHEMA)
+        if table.num_rows
+        else (SAMPLE_SCHEMA.empty_table())
+    )
+    rows = table.to_pylist()
+    if len(rows) != len(unit.requests) * cfg.evaluation.num_samples:
+        raise RuntimeError(
+            f"{unit.stage.dir}: {len(rows)} samples for {len(unit.requests)} "
+            f"problems x {cfg.evaluation.num_samples}"
+        )
+    write_parquet(unit.stage.dir.parent / f"{unit.benchmark}.parquet", table)
+    unit.stage.write_table("rejected", pa.Table.from_pylist(unit.rejected, schema=REJECTED_SCHEMA))
+    summary = metrics.summarize(rows) if rows else None
+    unit.stage.finish(
+        row_counts={
+            "samples": len(rows),
+            "problems": len(unit.requests),
+            "rejected": len(unit.rejected),
+        },
+        cell=cell,
+        benchmark=unit.benchmark,
+        model_path=model_path,
+        summary=summary,
+        statuses=dict(Counter(r["status"] for r in rows)),
+        num_generation_shortened=sum(
+            1 for q in unit.requests if q["max_tokens"] < cfg.evaluation.max_new_tokens
+        ),
+    )
+    if summary:
+        logger.info(
+            "eval %s %s: Avg@%d = %.4f",
+            cell,
+            unit.benchmark,
+            summary["num_samples"],
+            summary["avg_at_k"],
+        )
+
+
+def write_cell_manifest(
+    cfg: ExperimentConfig, cell_dir: Path, cell: str, units: list[Unit], train_dir: Path | None
+) -> None:
+    """The cell's manifest, written once every unit is done: what `qup status` shows."""
+    manifests = {u.benchmark: u.stage.manifest() or {} for u in units}
+    config_hash = stable_hash({b: m.get("config_hash") for b, m in manifests.items()})
+    write_json(
+        cell_dir / MANIFEST,
+        {
+            "stage": str(cell_dir),
+            "cell": cell,
+            "config_hash": config_hash,
+            "inputs": {str(train_dir): manifest_fingerprint(train_dir)} if train_dir else {},
+            "row_counts": {
+                b: m.get("row_counts", {}).get("samples", 0) for b, m in manifests.items()
+            },
+            "avg_at_k": {b: (m.get("summary") or {}).get("avg_at_k") for b, m in manifests.items()},
+            "fingerprint": content_fingerprint(cell_dir, config_hash),
+        },
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The run's summary tables
+# --------------------------------------------------------------------------------------------
+
+
+def summary_rows(
+    cfg: ExperimentConfig, run: RunDir, benchmarks: dict[str, list[dict]]
+) -> list[dict[str, Any]]:
+    """One row per finished (model, benchmark) unit of the configured cells and benchmarks
+    whose manifest matches this config and model: a unit left from another config is not mixed
+    in, even when this job did not redo it."""
+    rows = []
+    for cell in eval_cells(cfg):
+        student, stream, objective = cell.split("/")
+        train_dir = None if stream == BASE else run.root / "train" / cell
+        inputs = {str(train_dir): manifest_fingerprint(train_dir)} if train_dir else {}
+        for bench, problems in benchmarks.items():
+            path = run.root / "eval" / cell / bench / MANIFEST
+            m = read_json(path) if path.is_file() else {}
+            current = m.get("config_hash") == unit_hash(cfg, cell, bench, problems)
+            if current and m.get("inputs") == inputs and m.get("summary"):
+                rows.append(
+                    {
+                        "student": student,
+                        "stream": stream,
+                        "objective": objective,
+                        "benchmark": bench,
+                        **m["summary"],
+                        "num_rejected": m["row_counts"].get("rejected", 0),
+                    }
+                )
+    return rows
+
+
+def totals_rows(cfg: ExperimentConfig, summary: list[dict]) -> list[dict[str, Any]]:
+    """Total Avg of every model that has all configured benchmarks summarised."""
+    by_cell: dict[tuple[str, str, str], dict[str, float]] = defaultdict(dict)
+    for r in summary:
+        by_cell[(r["student"], r["stream"], r["objective"])][r["benchmark"]] = r["avg_at_k"]
+    wanted = set(cfg.evaluation.benchmarks)
+    return [
+        {
+            "student": s,
+            "stream": st,
+            "objective": o,
+            "total_avg": metrics.total_avg(avgs),
+            "num_benchmarks": len(avgs),
+        }
+        for (s, st, o), avgs in by_cell.items()
+        if set(avgs) == wanted
+    ]
+
+
+def write_summaries(
+    cfg: ExperimentConfig, run: RunDir, benchmarks: dict[str, list[dict]], states: dict[str, str]
+) -> Path:
+    """eval/summary.parquet, eval/totals.parquet and eval/_manifest.json (written last)."""
+    out = run.root / "eval"
+    summary = summary_rows(cfg, run, benchmarks)
+    totals = totals_rows(cfg, summary)
+    ks = metrics.reported_pass_ks(cfg.evaluation.num_samples)
+    columns = [
+        "student",
+        "stream",
+        "objective",
+        "benchmark",
+        "num_problems",
+        "num_samples",
+        "avg_at_k",
+        "avg_at_k_std",
+        *[f"pass_at_{k}" for k in ks],
+        "maj_at_k",
+        "truncation_rate",
+        "unverifiable_rate",
+        "mean_tokens",
+        "num_rejected",
+    ]
+    write_parquet(
+        out / "summary.parquet",
+        pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in summary])
+        if summary
+        else pa.table({c: pa.array([], pa.string()) for c in columns}),
+    )
+    total_columns = ["student", "stream", "objective", "total_avg", "num_benchmarks"]
+    write_parquet(
+        out / "totals.parquet",
+        pa.Table.from_pylist(totals)
+        if totals
+        else pa.table({c: pa.array([], pa.string()) for c in total_columns}),
+    )
+    config_hash = cfg.section_hash("evaluation", "grading")
+    blocked = sorted(c for c, s in states.items() if s == "blocked")
+    write_json(
+        out / MANIFEST,
+        {
+            "stage": str(out),
+            "config_hash": config_hash,
+            "row_counts": {
+                "summary": len(summary),
+                "totals": len(totals),
+                "blocked_models": len(blocked),
+            },
+            "blocked_models": blocked,
+            "cells_this_run": states,
+            "fingerprint": content_fingerprint(out, config_hash),
+        },
+    )
+    if blocked:
+        logger.warning(
+            "eval: %d model(s) not exported yet, not evaluated: %s",
+            len(blocked),
+            ", ".join(blocked),
+        )
+    return out
+
+
+def run(cfg: ExperimentConfig, *, force: bool = False, cells: list[str] | None = None) -> Path:
+    """Evaluate every base student and trained export (or only `cells`) on every benchmark."""
+    from qup_ray.ray_session import init_ray
+
+    run_dir = RunDir.for_config(cfg)
+    known = eval_cells(cfg)
+    unknown = sorted(set(cells or []) - set(known))
+    if unknown:
+        raise StageError(f"unknown eval cells {unknown}; cells of this config: {', '.join(known)}")
+    chosen = [c for c in known if cells is None or c in cells]
+    benchmarks = load_benchmarks(cfg, run_dir)
+    init_ray(cfg.ray)
+    states = {cell: run_cell(cfg, run_dir, cell, benchmarks, force) for cell in chosen}
+    return write_summaries(cfg, run_dir, benchmarks, states)
