@@ -105,54 +105,83 @@ def _bare(cfg_dump: dict, model_path: str, prompt: str, stream_path: str, object
     }
 
 
-def run(*, quick: bool = False, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Measure both sides on one synthetic stream of the anchor student (one cell, SFT)."""
-    from qup_ray.models import resolve_model
+def _pipeline(cfg: ExperimentConfig, student: str) -> dict:
+    """One run of the train stage on the synthetic cell; its figures from the cell's files."""
+    import shutil
+
     from qup_ray.stages import run_stage
 
+    cell = cfg.run_dir / "train" / student / STREAM / "sft"
+    shutil.rmtree(cell, ignore_errors=True)
+    t0 = time.perf_counter()
+    run_stage("train", cfg, cells=[f"{student}/{STREAM}/sft"])
+    wall = time.perf_counter() - t0
+    metrics = read_parquet(cell / "metrics.parquet").to_pylist()
+    timed = metrics[1:] or metrics
+    return {
+        "tokens": sum(r["tokens_per_s"] * r["seconds"] for r in timed),
+        "seconds": sum(r["seconds"] for r in timed),
+        "wall": wall,
+        "metrics": metrics,
+        "summary": read_json(cell / "_manifest.json")["training"],
+    }
+
+
+def run(
+    *, quick: bool = False, rounds: int | None = None, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """Measure both sides on one synthetic stream of the anchor student (one cell, SFT), in
+    alternating rounds (a shared machine swings one round by 2x); medians are reported."""
+    import statistics
+
+    from qup_ray.models import resolve_model
+
     num_problems = 64 if quick else 256
+    rounds = rounds or (1 if quick else 3)
     with tempfile.TemporaryDirectory(prefix="qup-bench-train-") as tmp:
         cfg: ExperimentConfig = load_config(
             CONFIGS_DIR / "dryrun.yaml",
-            [f"output_dir={tmp}", "training.num_workers=1", "training.cpus_per_worker=2",
+            [f"output_dir={tmp}", "training.num_workers=1", "training.cpus_per_worker=1",
              "training.global_batch_size=16", "training.micro_batch_size_per_worker=4",
              "training.checkpoint_every_steps=0", "training.tensorboard=false",
              f"training.streams=[{STREAM}]", "training.objectives=[sft]", "training.robustness=[]",
              *(overrides or [])],
         )  # fmt: skip
         student = cfg.anchor_student
-        run_root = cfg.run_dir
-        write_synthetic_streams(run_root, [student], {STREAM: "native"}, num_problems, seed=4242)
+        write_synthetic_streams(cfg.run_dir, [student], {STREAM: "native"}, num_problems, seed=4242)
         model_path = resolve_model(cfg.students[student].path, cfg)
-        stream_path = run_root / "streams" / student / "final" / f"{STREAM}.parquet"
-        bare = run_in_subprocess(
-            _bare, cfg.model_dump(mode="json"), model_path, cfg.students[student].prompt,
-            str(stream_path), "sft",
-        )  # fmt: skip
-        t0 = time.perf_counter()
-        run_stage("train", cfg, cells=[f"{student}/{STREAM}/sft"])
-        wall = time.perf_counter() - t0
-        cell = run_root / "train" / student / STREAM / "sft"
-        metrics = read_parquet(cell / "metrics.parquet").to_pylist()
-        summary = read_json(cell / "_manifest.json")["training"]
-    timed = metrics[1:] or metrics
-    tokens = sum(r["tokens_per_s"] * r["seconds"] for r in timed)
-    seconds = sum(r["seconds"] for r in timed)
-    pipeline_per_s, baseline_per_s = tokens / seconds, bare["tokens"] / bare["seconds"]
+        stream_path = cfg.run_dir / "streams" / student / "final" / f"{STREAM}.parquet"
+        args = (cfg.model_dump(mode="json"), model_path, cfg.students[student].prompt,
+                str(stream_path), "sft")  # fmt: skip
+        pairs = []
+        for i in range(rounds):
+            bare = run_in_subprocess(_bare, *args)
+            pipe = _pipeline(cfg, student)
+            pairs.append((bare, pipe))
+            logger.info("round %d/%d: ratio %.3f", i + 1, rounds,
+                        (pipe["tokens"] / pipe["seconds"]) / (bare["tokens"] / bare["seconds"]))  # fmt: skip
+    bare_rates = [b["tokens"] / b["seconds"] for b, _ in pairs]
+    pipe_rates = [p["tokens"] / p["seconds"] for _, p in pairs]
+    ratios = [p / b for p, b in zip(pipe_rates, bare_rates, strict=True)]
+    bare, pipe = pairs[-1]
+    metrics, summary = pipe["metrics"], pipe["summary"]
     return {
         "bench": "train",
         "unit": "tokens",
-        "pipeline_per_s": round(pipeline_per_s, 1),
-        "baseline_per_s": round(baseline_per_s, 1),
-        "ratio": round(pipeline_per_s / baseline_per_s, 3),
+        "pipeline_per_s": round(statistics.median(pipe_rates), 1),
+        "baseline_per_s": round(statistics.median(bare_rates), 1),
+        "ratio": round(statistics.median(ratios), 3),
+        "round_ratios": [round(r, 3) for r in ratios],
+        "rounds": rounds,
         "padding_frac": round(sum(r["padding_frac"] for r in metrics) / len(metrics), 4),
         "steps": len(metrics),
         "examples": summary["examples"],
         "num_workers": cfg.training.num_workers,
+        "threads_per_worker": max(1, int(cfg.training.cpus_per_worker)),
         "zero_stage": summary["zero_stage"],
         "pipeline_peak_rss_mb": round(summary.get("peak_rss_mb", 0.0), 1),
         "baseline_peak_rss_mb": round(bare["peak_rss_mb"], 1),
-        "pipeline_wall_s": round(wall, 2),
-        "fixed_overhead_s": round(wall - sum(r["seconds"] for r in metrics), 2),
+        "pipeline_wall_s": [round(p["wall"], 2) for _, p in pairs],
+        "fixed_overhead_s": round(pipe["wall"] - sum(r["seconds"] for r in metrics), 2),
         "final_ce": round(metrics[-1]["ce"], 4),
     }
