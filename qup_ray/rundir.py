@@ -450,6 +450,9 @@ def stage_state(stage_dir: Path) -> tuple[str, str]:
         total = read_json(plan)["num_shards"]
         done = len(list((stage_dir / SHARDS).glob("shard-*.parquet")))
         return "partial", f"{done}/{total} shards"
+    checkpoint = stage_dir / "checkpoints" / "qup_state.json"  # a stopped training cell
+    if checkpoint.is_file():
+        return "partial", f"checkpoint at step {read_json(checkpoint).get('step')}"
     if stage_dir.is_dir() and any(stage_dir.iterdir()):
         return "running", "outputs being written"
     return "missing", ""

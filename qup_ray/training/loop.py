@@ -125,6 +125,7 @@ def train_cell(spec: CellSpec, config: dict, rank: int, world_size: int) -> str:
     import deepspeed
     import pyarrow.parquet as pq
     import ray.train
+    import ray.train.torch
     import torch
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
@@ -135,7 +136,9 @@ def train_cell(spec: CellSpec, config: dict, rank: int, world_size: int) -> str:
 
     training = config["training"]
     use_gpu = training["use_gpu"]
-    device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+    if use_gpu:
+        torch.cuda.set_device(device)  # DeepSpeed places the model on the current device
     if not use_gpu:  # as many compute threads as the worker has CPUs (Ray may have set 1)
         torch.set_num_threads(max(1, int(training["cpus_per_worker"])))
     fmt = ChatFormat.for_model(spec.model_path, spec.prompt)

@@ -1,0 +1,274 @@
+"""The train stage end to end on the CPU world's tiny students (Ray Train + DeepSpeed ZeRO-2 over
+gloo, two workers): every cell lowers its stream's cross-entropy, exports a folder vLLM loads
+and generates from, and a run killed after a checkpoint (SIGKILL, SIGTERM) resumes to the same
+weights as an unbroken run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qup_ray.bench.train import write_synthetic_streams
+from qup_ray.config import CONFIGS_DIR, load_config
+from qup_ray.rundir import RunDir, read_json, read_parquet
+
+pytestmark = pytest.mark.slow
+
+STREAMS = {"slm_rft": "native", "oracle_refined": "compact"}
+METRIC_COLUMNS = ["step", "loss", "ce", "token_acc", "lr", "grad_norm", "tokens_per_s",
+                  "padding_frac"]  # fmt: skip
+
+
+def _mean_ce(model_dir: Path, fmt_dir: Path, stream_path: Path) -> float:
+    """Token-mean cross-entropy of a model over a stream's training sequences, by a plain
+    transformers float32 forward pass (independent of the training code)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qup_ray.encoding import ChatFormat
+
+    fmt = ChatFormat.for_model(fmt_dir, "tiny")
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in read_parquet(stream_path).to_pylist():
+            ids, start = fmt.example(row["problem"], row["trace"])
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+            nll = [-logp[t - 1, ids[t]].item() for t in range(start, len(ids))]
+            total, count = total + sum(nll), count + len(nll)
+    return total / count
+
+
+def _vllm_generate(model_dir: str, prompt_ids: list[int], cache_dir: str) -> dict:
+    """In a process of its own (one engine per process): load the export and generate."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from qup_ray.config import load_config
+    from qup_ray.engines import shutdown_llm, start_llm
+
+    engine = load_config(CONFIGS_DIR / "dryrun.yaml").students["tiny-qwen"].engine
+    llm = start_llm(model_dir, engine, dtype="float32", cache_dir=cache_dir)
+    out = llm.generate([TokensPrompt(prompt_token_ids=prompt_ids)],
+                       SamplingParams(max_tokens=64, temperature=0.0), use_tqdm=False)  # fmt: skip
+    result = {"text": out[0].outputs[0].text, "token_ids": list(out[0].outputs[0].token_ids)}
+    shutdown_llm(llm)
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cpu_world):
+    """Both tiny students x two streams x {sft, dft}: 8 cells in one stage run."""
+    from qup_ray.stages import run_stage
+
+    out = tmp_path_factory.mktemp("train")
+    cfg = load_config(
+        CONFIGS_DIR / "dryrun.yaml",
+        [f"output_dir={out}", "training.streams=[slm_rft, oracle_refined]"],
+    )
+    write_synthetic_streams(cfg.run_dir, list(cfg.students), STREAMS, num_problems=48, seed=7)
+    t0 = time.perf_counter()
+    run_stage("train", cfg)
+    return cfg, time.perf_counter() - t0
+
+
+def test_every_cell_trains_lowers_ce_and_exports(trained, cpu_world):
+    cfg, seconds = trained
+    root = cfg.run_dir
+    cells = [(s, st, o) for s in cfg.students for st in STREAMS for o in ("sft", "dft")]
+    print(f"\n8 cells trained in {seconds:.1f} s")
+    for student, stream, objective in cells:
+        cell = root / "train" / student / stream / objective
+        manifest = read_json(cell / "_manifest.json")
+        assert manifest["objective"] == objective
+        assert manifest["loss_normalization"] == "token"
+        assert manifest["row_counts"]["examples"] == 48
+        assert manifest["row_counts"]["steps"] == 3  # 48 // 16
+        metrics = read_parquet(cell / "metrics.parquet").to_pandas()
+        assert list(metrics.columns[: len(METRIC_COLUMNS)]) == METRIC_COLUMNS
+        assert metrics["step"].tolist() == [1, 2, 3]
+        assert metrics[["loss", "ce", "grad_norm", "tokens_per_s"]].notna().all().all()
+        assert ((metrics["padding_frac"] >= 0) & (metrics["padding_frac"] < 0.5)).all()
+        assert list((cell / "tensorboard").glob("events.out.tfevents.*"))
+        assert not (cell / "checkpoints").exists()
+        model = cell / "model"
+        for name in ("model.safetensors", "config.json", "generation_config.json",
+                     "tokenizer.json", "tokenizer_config.json"):  # fmt: skip
+            assert (model / name).is_file(), name
+        base_dir = cpu_world["tiny-qwen2" if student == "tiny-qwen" else "tiny-llama"]
+        stream_path = root / "streams" / student / "final" / f"{stream}.parquet"
+        base_ce = _mean_ce(base_dir, base_dir, stream_path)
+        tuned_ce = _mean_ce(model, base_dir, stream_path)
+        print(f"{student}/{stream}/{objective}: CE {base_ce:.4f} -> {tuned_ce:.4f}")
+        assert tuned_ce < base_ce
+
+
+def test_status_shows_the_cells(trained):
+    cfg, _ = trained
+    rows = {r["path"]: r["state"] for r in RunDir.for_config(cfg).status(cfg)}
+    train_rows = {p: s for p, s in rows.items() if p.startswith("train/")}
+    assert len(train_rows) == 8 and set(train_rows.values()) == {"done"}
+
+
+def test_rerun_skips_finished_cells(trained):
+    from qup_ray.stages import run_stage
+
+    cfg, _ = trained
+    before = read_json(cfg.run_dir / "train/tiny-qwen/slm_rft/dft/_manifest.json")
+    t0 = time.perf_counter()
+    run_stage("train", cfg)
+    assert time.perf_counter() - t0 < 5
+    assert read_json(cfg.run_dir / "train/tiny-qwen/slm_rft/dft/_manifest.json") == before
+
+
+@pytest.mark.parametrize("student", ["tiny-qwen", "tiny-llama"])
+def test_exported_models_load_in_vllm_and_generate(trained, cpu_world, student):
+    from qup_ray.bench.common import run_in_subprocess
+    from qup_ray.encoding import ChatFormat
+
+    cfg, _ = trained
+    model = cfg.run_dir / "train" / student / "slm_rft" / "dft" / "model"
+    fmt = ChatFormat.for_model(model, "tiny")
+    prompt = fmt.prompt_ids("What is 17 + 25?")
+    out = run_in_subprocess(
+        _vllm_generate, str(model), prompt, str(cfg.cpu_world.cache_root()), timeout_s=600
+    )
+    assert out["token_ids"], out
+    assert out["text"].strip()
+
+
+# ---- kill and resume ------------------------------------------------------------------------
+
+
+def _one_cell_config(tmp: Path, name: str) -> Path:
+    """A config with one cell (tiny-qwen, slm_rft, dft) and enough steps to kill one midway."""
+    data = yaml.safe_load((CONFIGS_DIR / "dryrun.yaml").read_text())
+    data["students"].pop("tiny-llama")
+    data["output_dir"] = str(tmp / name)
+    data["training"].update(
+        objectives=["dft"], streams=["slm_rft"], global_batch_size=8, num_epochs=3,
+        checkpoint_every_steps=1,
+    )  # fmt: skip
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _start(config: Path) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "qup_ray.cli", "run", "train", "-c", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def _cell(config: Path) -> Path:
+    return load_config(config).run_dir / "train" / "tiny-qwen" / "slm_rft" / "dft"
+
+
+def _weights(cell: Path) -> dict:
+    return _weights_of(cell / "model" / "model.safetensors")
+
+
+def _wait_for_checkpoint(cell: Path, proc: subprocess.Popen, min_step: int = 2) -> None:
+    state = cell / "checkpoints" / "qup_state.json"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if state.is_file() and read_json(state)["step"] >= min_step:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise TimeoutError("no checkpoint")
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory, cpu_world):
+    tmp = tmp_path_factory.mktemp("unbroken")
+    config = _one_cell_config(tmp, "run")
+    write_synthetic_streams(load_config(config).run_dir, ["tiny-qwen"], {"slm_rft": "native"},
+                            num_problems=48, seed=7)  # fmt: skip
+    proc = _start(config)
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err
+    steps = read_parquet(_cell(config) / "metrics.parquet").num_rows
+    assert steps == 18  # 3 epochs x 48 / 8
+    return _weights(_cell(config)), read_parquet(_cell(config) / "metrics.parquet").to_pylist()
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_killed_run_resumes_to_the_same_weights(tmp_path, unbroken, how):
+    import torch
+
+    want, want_metrics = unbroken
+    config = _one_cell_config(tmp_path, "run")
+    write_synthetic_streams(load_config(config).run_dir, ["tiny-qwen"], {"slm_rft": "native"},
+                            num_problems=48, seed=7)  # fmt: skip
+    cell = _cell(config)
+    proc = _start(config)
+    _wait_for_checkpoint(cell, proc)
+    if how == "SIGKILL":
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver, Ray and its workers, no warning
+        proc.communicate(timeout=120)
+    else:
+        os.kill(proc.pid, signal.SIGTERM)  # the driver only, as SLURM/submitit signal it
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, err
+        assert "Traceback" not in err
+        assert "checkpoints saved, rerun the same command to resume" in err
+    assert not (cell / "_manifest.json").exists()
+    stopped_at = read_json(cell / "checkpoints" / "qup_state.json")["step"]
+    assert 2 <= stopped_at < 18
+    cfg = load_config(config)
+    status = {r["path"]: r for r in RunDir.for_config(cfg).status(cfg)}
+    assert status["train/tiny-qwen/slm_rft/dft"]["state"] == "partial"
+    assert status["train/tiny-qwen/slm_rft/dft"]["detail"] == f"checkpoint at step {stopped_at}"
+
+    proc = _start(config)
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err
+    got = _weights(cell)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    summary = read_json(cell / "_manifest.json")["training"]
+    assert summary["resumed_from_step"] == stopped_at
+    metrics = read_parquet(cell / "metrics.parquet").to_pylist()
+    assert [r["step"] for r in metrics] == list(range(1, 19))
+    assert [r["ce"] for r in metrics] == pytest.approx([r["ce"] for r in want_metrics], rel=1e-6)
+
+
+def test_zero3_export_is_complete_and_trained(tmp_path, cpu_world):
+    """ZeRO-3 shards every parameter over the workers: the export gathers them (saved without
+    gathering they would come out empty)."""
+    from qup_ray.stages import run_stage
+
+    cfg = load_config(
+        CONFIGS_DIR / "dryrun.yaml",
+        [f"output_dir={tmp_path}", "training.streams=[slm_rft]", "training.objectives=[sft]",
+         "training.deepspeed_config=configs/deepspeed/zero3.json"],
+    )  # fmt: skip
+    write_synthetic_streams(cfg.run_dir, ["tiny-qwen"], {"slm_rft": "native"}, 48, seed=7)
+    run_stage("train", cfg, cells=["tiny-qwen/slm_rft/sft"])
+    cell = cfg.run_dir / "train" / "tiny-qwen" / "slm_rft" / "sft"
+    assert read_json(cell / "_manifest.json")["training"]["zero_stage"] == 3
+    base = _weights_of(cpu_world["tiny-qwen2"] / "model.safetensors")
+    got = _weights_of(cell / "model" / "model.safetensors")
+    assert got.keys() == base.keys()
+    assert all(got[k].shape == base[k].shape for k in base)
+    stream = cfg.run_dir / "streams" / "tiny-qwen" / "final" / "slm_rft.parquet"
+    base_ce = _mean_ce(cpu_world["tiny-qwen2"], cpu_world["tiny-qwen2"], stream)
+    assert _mean_ce(cell / "model", cpu_world["tiny-qwen2"], stream) < base_ce
+
+
+def _weights_of(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(path)
