@@ -170,6 +170,12 @@ def grid(
         str | None,
         typer.Option(help="Only these stages, comma-separated (e.g. problems,rollouts)."),
     ] = None,
+    cells: Annotated[
+        str | None,
+        typer.Option(
+            help="Only these train/eval cells, comma-separated (student/stream/objective)."
+        ),
+    ] = None,
     overrides: Overrides = None,
 ) -> None:
     """The model x stream x objective grid as SLURM jobs through submitit: data stages, one
@@ -187,7 +193,10 @@ def grid(
     only = [s.strip() for s in stages.split(",")] if stages else None
     if unknown := [s for s in only or [] if s not in STAGE_ORDER]:
         raise ConfigError([f"--stages: not stages {unknown}; one of {', '.join(STAGE_ORDER)}"])
-    result = launch(cfg, cluster_cfg, plan_only=plan, wait=wait, progress=progress, stages=only)
+    chosen = [c.strip() for c in cells.split(",")] if cells else None
+    result = launch(
+        cfg, cluster_cfg, plan_only=plan, wait=wait, progress=progress, stages=only, cells=chosen
+    )
     typer.echo(result.plan_text)
     if plan:
         return

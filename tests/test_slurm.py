@@ -31,7 +31,8 @@ from qup_ray.rundir import MANIFEST
 
 pytestmark = [pytest.mark.slurm, pytest.mark.cluster, pytest.mark.slow]
 
-NUM_PROBLEMS, SHARD_SIZE, SAMPLES = 16, 4, 8
+# 32 samples per problem: shards take seconds each on 2 cores, so interruptions land between them.
+NUM_PROBLEMS, SHARD_SIZE, SAMPLES = 16, 4, 32
 
 
 def qup(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
@@ -59,9 +60,12 @@ def cluster_config(**changes) -> ClusterConfig:
 def experiment(out: Path, cpu_world, extra: list[str] = ()):
     """The dry-run config cut to one student and no reward models, run under `out`."""
     base = load_config(CONFIGS_DIR / "dryrun.yaml")
-    student = json.dumps(base.students["tiny-qwen"].model_dump(mode="json"))
+    # Engine calls of one shard each, so shards finish one by one and a requeue lands mid-stage.
+    engine = {**base.students["tiny-qwen"].engine.model_dump(mode="json"), "batch_size": SHARD_SIZE}
+    student = json.dumps({**base.students["tiny-qwen"].model_dump(mode="json"), "engine": engine})
     overrides = [f"output_dir={out}", f"problems.num_problems={NUM_PROBLEMS}",
-                 f"rollouts.shard_size={SHARD_SIZE}", "students={tiny-qwen: " + student + "}",
+                 f"rollouts.shard_size={SHARD_SIZE}", f"rollouts.num_samples_per_problem={SAMPLES}",
+                 "students={tiny-qwen: " + student + "}",
                  "scoring.reward_models=[]", "reward_models={}", *extra]  # fmt: skip
     cfg = load_config(CONFIGS_DIR / "dryrun.yaml", overrides)
     path = out / "config.yaml"
@@ -174,26 +178,23 @@ def test_grid_requeued_mid_stage_matches_the_direct_run(
     assert again.job_ids == {}
 
 
-def test_job_hitting_its_time_limit_requeues_and_resumes(
-    slurm_cluster, cpu_world, direct_run: Path, tmp_path: Path
-):
-    """A 2-minute limit with USR2 30 s before it (SLURM may send it up to a minute early): the
-    rollouts job checkpoints, requeues itself through submitit and resumes from its shards."""
-    cfg, _ = experiment(tmp_path, cpu_world)
+def test_job_hitting_its_time_limit_requeues_and_resumes(slurm_cluster, cpu_world, tmp_path):
+    """A 3-minute limit with USR2 30 s before it (slurmctld checks every 30 s, so it comes 30 to
+    60 s before) on rollouts of 128 problems, more than one attempt generates on 2 cores: the
+    job checkpoints, requeues itself through submitit and resumes from its shards."""
+    problems = 8 * NUM_PROBLEMS
+    cfg, _ = experiment(tmp_path, cpu_world, [f"problems.num_problems={problems}"])
     run = tmp_path / "dryrun"
-    shutil.copytree(direct_run / "problems", run / "problems")  # only rollouts runs here
-    cluster = cluster_config(timeout_min=2, max_requeues=5)
+    cluster = cluster_config(timeout_min=3, signal_delay_s=30, max_requeues=8)
     result = launch(cfg, cluster, stages=["problems", "rollouts"])
-    assert list(result.job_ids) == ["rollouts"]
     job_id = result.job_ids["rollouts"]
-    states = wait_for_slurm(result.job_ids, timeout_s=1500)
-    assert states == {"rollouts": "COMPLETED"}, slurm_states([job_id])
+    states = wait_for_slurm(result.job_ids, timeout_s=1800)
+    assert states == {"problems": "COMPLETED", "rollouts": "COMPLETED"}, slurm_states([job_id])
     log = "\n".join(p.read_text() for p in (run / "slurm_logs" / job_id).glob("*.out"))
     assert "this job is timed-out" in log
     assert "resuming," in log
+    assert (run / "grid" / "ray" / f"{job_id}.1" / "head.json").is_file()  # a second attempt
     assert (run / "rollouts" / "tiny-qwen" / MANIFEST).is_file()
     got = rows(run / "rollouts" / "tiny-qwen" / "rollouts.parquet")
-    assert (
-        len({(r["problem_id"], r["sample_idx"]) for r in got}) == len(got) == NUM_PROBLEMS * SAMPLES
-    )
-    assert got == rows(direct_run / "rollouts" / "tiny-qwen" / "rollouts.parquet")
+    assert len({(r["problem_id"], r["sample_idx"]) for r in got}) == len(got) == problems * SAMPLES
+    assert not own_ray_processes(job_id)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -30,6 +31,12 @@ from qup_ray.rundir import read_json, write_json
 logger = logging.getLogger(__name__)
 
 WORKER_JOIN_TIMEOUT_S = 300
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the teardown must not be interrupted too
+    logger.warning("SIGTERM: stopping the stage and this job's Ray processes")
+    raise SystemExit(128 + signum)
 
 
 @dataclass
@@ -57,6 +64,10 @@ class StageJob:
         # One folder per attempt: a requeued job must not read the head of its killed attempt.
         attempt = os.environ.get("SLURM_RESTART_COUNT", "0")
         rendezvous = self.cfg.run_dir.resolve() / "grid" / "ray" / f"{env.job_id}.{attempt}"
+        # submitit ignores SIGTERM (it waits for USR2 to checkpoint). SLURM sends SIGTERM on
+        # scancel, `scontrol requeue` and at the hard limit, then SIGKILL after KillWait: stop
+        # the stage at once so the Ray teardown below runs within that grace time.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         if env.global_rank == 0:
             return self._head(env, rendezvous)
         self._worker(env, rendezvous)

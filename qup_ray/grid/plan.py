@@ -131,11 +131,12 @@ def plan_grid(
     cluster: ClusterConfig,
     run_root: Path | None = None,
     stages: list[str] | None = None,
+    cells: list[str] | None = None,
 ) -> GridPlan:
     """Expand `cfg` into the jobs of its grid; jobs whose outputs are finished are marked done.
 
     `stages` keeps only the jobs of those stages (the others are taken as run elsewhere: no job
-    waits for them)."""
+    waits for them). `cells` keeps only the train and eval jobs of those cells."""
     root = Path(run_root) if run_root is not None else cfg.run_dir
     rates = throughputs(cluster)
     ps = problem_set_size(cfg, cluster, root)
@@ -164,6 +165,8 @@ def plan_grid(
             job.done = False
     if stages is not None:
         jobs = {n: j for n, j in jobs.items() if j.stage in stages}
+    if cells is not None:
+        jobs = {n: j for n, j in jobs.items() if j.cells is None or j.cells[0] in cells}
     for job in jobs.values():
         job.depends_on = [d for d in job.depends_on if d in jobs and not jobs[d].done]
     return GridPlan(

@@ -119,7 +119,7 @@ class RayNode:
     temp_dir: Path
     log_path: Path
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def stop(self, timeout_s: float = 5.0) -> None:
         """Stop this node's Ray processes (its session) and anything naming its temp dir."""
         stop_own_processes(self.temp_dir, session=self.process.pid, timeout_s=timeout_s)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -145,7 +145,7 @@ def own_processes(temp_dir: Path, session: int | None = None) -> list[psutil.Pro
     return found
 
 
-def stop_own_processes(temp_dir: Path, session: int | None = None, timeout_s: float = 10.0) -> int:
+def stop_own_processes(temp_dir: Path, session: int | None = None, timeout_s: float = 5.0) -> int:
     """SIGTERM, then SIGKILL after `timeout_s`, to this job's Ray processes only. Returns how
     many there were."""
     procs = own_processes(temp_dir, session)

@@ -267,12 +267,14 @@ def launch(
     progress: Progress | None = None,
     timeout_s: float | None = None,
     stages: list[str] | None = None,
+    cells: list[str] | None = None,
 ) -> GridResult:
     """Plan the grid of `cfg` and (unless `plan_only`) submit what is not finished.
 
     `wait` (default: True for local executors, False for SLURM) blocks until every submitted
-    job reached a final state and fills `GridResult.states`. `stages` restricts the grid to
-    those stages; a submission leaves out stages not built in this version of qup_ray."""
+    job reached a final state and fills `GridResult.states`. `stages` and `cells` restrict the
+    grid to those stages and train/eval cells; a submission leaves out stages not built in this
+    version of qup_ray."""
     from qup_ray.stages import STAGE_ORDER, is_built
 
     run = RunDir.for_config(cfg)
@@ -283,7 +285,7 @@ def launch(
         stages = built
     if wait is None:
         wait = cluster.executor != "slurm"
-    plan = plan_grid(cfg, cluster, run.root, stages)
+    plan = plan_grid(cfg, cluster, run.root, stages, cells)
     text = format_plan(plan, cluster)
     result = GridResult(run.root, plan, text)
     if plan_only:
