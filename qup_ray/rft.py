@@ -12,7 +12,7 @@ import re
 import statistics
 from collections import Counter, defaultdict
 
-from qup_ray.answers import gold_from_solution
+from qup_ray.answers import answer_parts, gold_from_solution
 from qup_ray.config import RftFilterConfig
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
@@ -45,7 +45,9 @@ def filter_reason(row: dict, cfg: RftFilterConfig, max_tokens: float) -> str | N
     boxes = boxed_answers(row["response"])
     if not boxes:
         return "no_boxed_answer"
-    if len(set(boxes)) > 1:
+    # Several boxes are fine when together they are the final answer ("\boxed{1} and
+    # \boxed{-2}"); a box outside that final group that differs from it is a conflict.
+    if len(set(boxes)) > max(1, len(answer_parts(row["response"]))):
         return "conflicting_boxed_answers"
     if repeated_ngram_fraction(row["response"]) > cfg.max_repeated_ngram_frac:
         return "repetition"

@@ -58,3 +58,13 @@ def test_selection_policies_and_length_outliers():
     a, _ = select_rft(rows, ids, RftFilterConfig(selection="random"), seed=3)
     b, _ = select_rft(rows, ids, RftFilterConfig(selection="random"), seed=3)
     assert a == b  # seeded
+
+
+def test_a_multi_part_final_answer_is_no_conflict():
+    rows = [
+        rollout("roots", 0, "Factor: (x-1)(x+2)=0. The roots are \\boxed{1} and \\boxed{-2}"),
+        rollout("early", 0, "First \\boxed{7}. Then we add more, so the answer is \\boxed{9}"),
+    ]
+    chosen, counts = select_rft(rows, {"roots", "early"}, RftFilterConfig(), seed=0)
+    assert [c["problem_id"] for c in chosen] == ["roots"]
+    assert counts["conflicting_boxed_answers"] == 1
