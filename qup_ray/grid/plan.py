@@ -16,7 +16,7 @@ from pathlib import Path
 
 from qup_ray.config import ClusterConfig, ExperimentConfig
 from qup_ray.grid.estimate import problem_set_size, stage_gpu_hours, throughputs
-from qup_ray.rundir import MANIFEST, train_cells
+from qup_ray.rundir import MANIFEST, eval_cells, train_cells, train_streams
 
 DATA_STAGES = ("problems", "rollouts", "streams", "score")
 
@@ -116,14 +116,14 @@ def _data_outputs(cfg: ExperimentConfig, stage: str) -> list[str]:
 
 
 def grid_cells(cfg: ExperimentConfig) -> list[str]:
-    """Training cells "student/stream/objective", in grid order."""
+    """Training cells "student/stream/objective" (streams of `training.streams`), grid order."""
     objectives = train_cells(cfg)
-    return [f"{s}/{st}/{o}" for s in cfg.students for st in cfg.stream_names() for o in objectives]
+    return [f"{s}/{st}/{o}" for s in cfg.students for st in train_streams(cfg) for o in objectives]
 
 
 def base_cells(cfg: ExperimentConfig) -> list[str]:
-    """Evaluation cells of the untrained students."""
-    return [f"{s}/base/base" for s in cfg.students]
+    """Evaluation cells of the untrained students (when `evaluation.evaluate_base`)."""
+    return [c for c in eval_cells(cfg) if c.endswith("/base/base")]
 
 
 def plan_grid(
