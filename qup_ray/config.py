@@ -575,6 +575,10 @@ class ClusterConfig(StrictModel):
     who reaches it; the job log prints the `ssh -L` line to reach it."""
     stages: dict[str, StageResources] = {}
     """Resource overrides by stage name (problems, rollouts, streams, score, train, eval, report)."""
+    split_cells: bool = True
+    """One job per training and per evaluation cell (arrays on SLURM). False: one train job and
+    one eval job over all cells, which saves Ray and engine start-ups on one machine (the dry
+    run's `local.yaml`)."""
     estimate: EstimateConfig = EstimateConfig()
     """Throughputs behind the GPU-hour estimate of `qup grid --plan`."""
 

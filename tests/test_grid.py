@@ -176,6 +176,22 @@ def test_arrays_and_slurm_dependencies(paper, slurm, tmp_path: Path):
     assert dep.startswith("afterok:") and "14" in dep.split(":") and "21_71" in dep.split(":")
 
 
+def test_unsplit_cells_make_one_train_and_one_eval_job(paper, slurm, tmp_path: Path):
+    split = plan_grid(paper, slurm, tmp_path)
+    plan = plan_grid(paper, slurm.model_copy(update={"split_cells": False}), tmp_path)
+    jobs = {j.name: j for j in plan.jobs}
+    assert list(jobs) == ["problems", "rollouts", "streams", "score", "train", "eval", "report"]
+    assert len(jobs["train"].cells) == 72 and len(jobs["eval"].cells) == 75
+    assert jobs["eval"].depends_on == ["problems", "train"]
+    assert jobs["report"].depends_on == ["score", "eval"]
+    by_stage = split.gpu_hours_by_stage()
+    assert jobs["train"].gpu_hours == pytest.approx(by_stage["train"])
+    assert jobs["eval"].gpu_hours == pytest.approx(by_stage["eval"])
+    only = plan_grid(paper, slurm, tmp_path, cells=["llama-3.2-1b/slm_rft/sft"])
+    assert [j.name for j in only.jobs if j.cells] == [
+        "train/llama-3.2-1b/slm_rft/sft", "eval/llama-3.2-1b/slm_rft/sft"]  # fmt: skip
+
+
 def test_plan_command_prints_the_paper_grid():
     result = qup("grid", "--plan", "-c", str(PAPER), "--cluster", str(SLURM))
     assert result.returncode == 0, result.stderr

@@ -142,21 +142,35 @@ def plan_grid(
     ps = problem_set_size(cfg, cluster, root)
     jobs: dict[str, Job] = {}
 
-    def add(name: str, stage: str, cells, outputs, deps, array=None) -> None:
+    def add(name: str, stage: str, job_cells, outputs, deps, array=None, cells: int = 1) -> None:
         res = stage_resources(cluster, stage)
-        hours = stage_gpu_hours(stage, cfg, cluster, rates, ps) if res.gpus else 0.0
+        hours = cells * stage_gpu_hours(stage, cfg, cluster, rates, ps) if res.gpus else 0.0
         done = all((root / o / MANIFEST).is_file() for o in outputs)
-        jobs[name] = Job(name, stage, cells, outputs, deps, res, hours, array, done)
+        jobs[name] = Job(name, stage, job_cells, outputs, deps, res, hours, array, done)
 
     previous: list[str] = []
     for stage in DATA_STAGES:
         add(stage, stage, None, _data_outputs(cfg, stage), previous)
         previous = [stage]
-    for cell in grid_cells(cfg):
-        add(f"train/{cell}", "train", [cell], [f"train/{cell}"], ["streams"], array="train")
-        add(f"eval/{cell}", "eval", [cell], [f"eval/{cell}"], [f"train/{cell}"], array="eval")
-    for cell in base_cells(cfg):
-        add(f"eval/{cell}", "eval", [cell], [f"eval/{cell}"], ["problems"], array="eval-base")
+    trained = [c for c in grid_cells(cfg) if cells is None or c in cells]
+    base = [c for c in base_cells(cfg) if cells is None or c in cells]
+    if cluster.split_cells:
+        for cell in trained:
+            add(f"train/{cell}", "train", [cell], [f"train/{cell}"], ["streams"], array="train")
+            add(f"eval/{cell}", "eval", [cell], [f"eval/{cell}"], [f"train/{cell}"], array="eval")
+        for cell in base:
+            add(f"eval/{cell}", "eval", [cell], [f"eval/{cell}"], ["problems"], array="eval-base")
+    else:
+        add(
+            "train",
+            "train",
+            trained,
+            [f"train/{c}" for c in trained],
+            ["streams"],
+            cells=len(trained),
+        )
+        add("eval", "eval", [*base, *trained], [f"eval/{c}" for c in [*base, *trained]],
+            ["problems", "train"], cells=len(base) + len(trained))  # fmt: skip
     add("report", "report", None, ["report"],
         ["score", *(n for n, j in jobs.items() if j.stage == "eval")])  # fmt: skip
     # A job must rerun when something it depends on reruns (its inputs change).
@@ -165,8 +179,6 @@ def plan_grid(
             job.done = False
     if stages is not None:
         jobs = {n: j for n, j in jobs.items() if j.stage in stages}
-    if cells is not None:
-        jobs = {n: j for n, j in jobs.items() if j.cells is None or j.cells[0] in cells}
     for job in jobs.values():
         job.depends_on = [d for d in job.depends_on if d in jobs and not jobs[d].done]
     return GridPlan(
