@@ -130,11 +130,14 @@ def _local(path: str) -> str:
 
 @contextlib.contextmanager
 def stop_on_signals(stop_file: Path) -> Iterator[dict]:
-    """SIGTERM/SIGUSR2 create `stop_file`, which the workers poll at every step boundary."""
-    seen: dict = {"signal": None}
+    """SIGTERM/SIGUSR2 create `stop_file`, which the workers poll at every step boundary; they
+    save a checkpoint and stop. Once they have, the handler that was there before (submitit's
+    USR2 handler checkpoints and requeues the job) is called too, unless it is Ray's own
+    driver handler (a plain exit, which would hide the message saying how to resume)."""
+    seen: dict = {"signal": None, "signum": None}
 
     def handler(signum: int, _frame: object) -> None:
-        seen["signal"] = signal.Signals(signum).name
+        seen["signal"], seen["signum"] = signal.Signals(signum).name, signum
         logger.warning("%s received: checkpointing at the next step, then stopping", seen["signal"])
         stop_file.parent.mkdir(parents=True, exist_ok=True)
         stop_file.touch()
@@ -147,6 +150,10 @@ def stop_on_signals(stop_file: Path) -> Iterator[dict]:
             signal.signal(s, h)
         with contextlib.suppress(FileNotFoundError):
             stop_file.unlink()
+    chained = previous.get(seen["signum"]) if seen["signum"] else None
+    if callable(chained) and not getattr(chained, "__module__", "").startswith("ray"):
+        logger.info("passing %s on to %r", seen["signal"], chained)
+        chained(seen["signum"], None)
 
 
 def trainer_for(cfg: ExperimentConfig, loop_config: dict, storage: Path):
