@@ -77,3 +77,9 @@ def test_batches_never_straddle_shards():
     assert eval_stage.engine_batch_size(64, 40) == 40
     assert eval_stage.engine_batch_size(64, 100) == 50
     assert eval_stage.engine_batch_size(7, 4) == 4
+
+
+def test_busy_seconds_is_the_union_of_unit_windows():
+    windows = [(0, 10), (2, 8), (9, 12), (20, 21)]
+    manifests = [{"timings": {"started": a, "finished": b}} for a, b in windows] + [{}]
+    assert eval_stage.busy_seconds(manifests) == 12 + 1

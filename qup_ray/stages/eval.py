@@ -27,6 +27,7 @@ import logging
 import math
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -343,6 +344,7 @@ def finish_unit(cfg: ExperimentConfig, cell: str, unit: Unit, model_path: str) -
         model_path=model_path,
         summary=summary,
         statuses=dict(Counter(r["status"] for r in rows)),
+        generated_tokens=sum(r["num_tokens"] for r in rows),
         num_generation_shortened=sum(
             1 for q in unit.requests if q["max_tokens"] < cfg.evaluation.max_new_tokens
         ),
@@ -374,9 +376,24 @@ def write_cell_manifest(
                 b: m.get("row_counts", {}).get("samples", 0) for b, m in manifests.items()
             },
             "avg_at_k": {b: (m.get("summary") or {}).get("avg_at_k") for b, m in manifests.items()},
+            "generated_tokens": sum(m.get("generated_tokens", 0) for m in manifests.values()),
+            "timings": {"duration_s": round(busy_seconds(manifests.values()), 3)},
             "fingerprint": content_fingerprint(cell_dir, config_hash),
         },
     )
+
+
+def busy_seconds(manifests: Iterable[dict]) -> float:
+    """Wall time the units took together: the union of their [started, finished] windows
+    (units evaluated in one engine pass overlap; the grid's throughput estimate reads it)."""
+    windows = sorted(
+        (m["timings"]["started"], m["timings"]["finished"]) for m in manifests if m.get("timings")
+    )
+    total, end = 0.0, float("-inf")
+    for start, finish in windows:
+        total += max(0.0, finish - max(start, end))
+        end = max(end, finish)
+    return total
 
 
 # --------------------------------------------------------------------------------------------
