@@ -23,7 +23,7 @@ from qup_ray.config import (
 from qup_ray.grid import plan_grid
 from qup_ray.grid.ray_cluster import NUM_FIXED_PORTS, pick_ports, temp_dir_for
 from qup_ray.grid.submit import _dependency, _submission_units
-from qup_ray.rundir import MANIFEST, write_json
+from qup_ray.rundir import MANIFEST, write_json, write_parquet
 
 PAPER = CONFIGS_DIR / "paper.yaml"
 SLURM = CONFIGS_DIR / "clusters" / "example_slurm.yaml"
@@ -124,12 +124,21 @@ def test_earlier_run_calibrates_generation(paper, slurm, tmp_path: Path):
                {"generated_tokens": 1_000_000, "timings": {"duration_s": 100}})  # fmt: skip
     write_json(earlier / "rollouts" / "b" / MANIFEST,
                {"generated_tokens": 3_000_000, "timings": {"duration_s": 100}})  # fmt: skip
+    # A training cell: label tokens and seconds of its optimizer steps, on a 2-GPU job.
+    jobs = json.loads((earlier / "grid" / "jobs.json").read_text())
+    jobs["jobs"].append({"name": "train/a/b/sft", "stage": "train", "outputs": ["train/a/b/sft"],
+                         "resources": {"nodes": 1, "gpus_per_node": 2}})  # fmt: skip
+    write_json(earlier / "grid" / "jobs.json", jobs)
+    write_json(earlier / "train" / "a" / "b" / "sft" / MANIFEST, {"timings": {"duration_s": 999}})
+    write_parquet(earlier / "train" / "a" / "b" / "sft" / "metrics.parquet",
+                  [{"label_tokens": 3000, "seconds": 1.0}, {"label_tokens": 5000, "seconds": 1.0}])  # fmt: skip
     cluster = slurm.model_copy(update={"estimate": slurm.estimate.model_copy(
         update={"calibration_runs": [str(earlier)]})})  # fmt: skip
     plan = plan_grid(paper, cluster, tmp_path / "run")
     # 4M tokens in 200 s on 4 GPUs.
     assert plan.rates["generate_tokens_per_gpu_s"] == pytest.approx(4e6 / 800)
     assert str(earlier) in plan.rate_sources["generate_tokens_per_gpu_s"]
+    assert plan.rates["train_tokens_per_gpu_s"] == pytest.approx(8000 / 2 / 2)
 
 
 def test_finished_jobs_are_not_resubmitted_and_nothing_waits_for_them(paper, slurm, tmp_path):

@@ -80,9 +80,7 @@ def _from_run(run: Path, out: Throughputs) -> None:
             manifest_path = run / folder / MANIFEST
             if not manifest_path.is_file():
                 continue
-            m = read_json(manifest_path)
-            tokens = m.get("generated_tokens") or m.get("tokens") or m.get("train_tokens")
-            seconds = m.get("timings", {}).get("duration_s")
+            tokens, seconds = _tokens_and_seconds(run / folder, read_json(manifest_path))
             if tokens and seconds:
                 acc = totals.setdefault(key, [0.0, 0.0])
                 acc[0] += float(tokens)
@@ -90,6 +88,20 @@ def _from_run(run: Path, out: Throughputs) -> None:
     for key, (tokens, gpu_s) in totals.items():
         if gpu_s > 0:
             out.set(key, tokens / gpu_s, f"manifests of {run}")
+
+
+def _tokens_and_seconds(folder: Path, manifest: dict) -> tuple[float | None, float | None]:
+    """Tokens a finished stage folder processed and the seconds it took: generated tokens of
+    rollouts and eval, label tokens of training steps (its `metrics.parquet`)."""
+    metrics = folder / "metrics.parquet"
+    if metrics.is_file():
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(metrics)
+        if {"label_tokens", "seconds"} <= set(table.column_names):
+            return (float(sum(table.column("label_tokens").to_pylist())),
+                    float(sum(table.column("seconds").to_pylist())))  # fmt: skip
+    return manifest.get("generated_tokens"), manifest.get("timings", {}).get("duration_s")
 
 
 def throughputs(cluster: ClusterConfig) -> Throughputs:
