@@ -14,8 +14,8 @@ from safetensors import safe_open
 
 from qup_ray.cpu_world import CpuWorldSettings, build_cpu_world, resolve_model_ref
 from qup_ray.cpu_world.boxed import last_boxed
-from qup_ray.cpu_world.build import REPORT_FILE, world_dir
-from qup_ray.cpu_world.students import heldout_problems, prompt_messages
+from qup_ray.cpu_world.build import MODEL_LAYOUTS, MODEL_NAMES, REPORT_FILE, STUDENTS, world_dir
+from qup_ray.cpu_world.students import encode_prompt, heldout_problems, prompt_messages
 
 pytestmark = pytest.mark.slow
 
@@ -41,15 +41,57 @@ def test_cached_world_loads_in_seconds(cpu_world, cpu_world_settings):
 
 def test_build_report_shows_students_that_solve_part_of_heldout_problems(cpu_world):
     report = json.loads((cpu_world["tiny-qwen2"].parent / REPORT_FILE).read_text())
-    for name in ("tiny-qwen2", "tiny-llama"):
+    for name in ("tiny-qwen2", "tiny-llama", "tiny-deepseek"):
         heldout = report["students"][name]["heldout_hf"]
         assert 0.2 <= heldout["pass_at_k"] <= 0.9, (name, heldout)
         assert heldout["boxed_rate"] >= 0.5, (name, heldout)
+        # Sampled until the turn-end token, as the suite does: nearly every sample ends there.
+        assert heldout["stop_rate"] >= 0.9, (name, heldout)
+        assert report["students"][name]["layout"] == MODEL_LAYOUTS[name]
+        print(name, heldout)
     print("build timings (s):", report["timings_s"])
 
 
+# Per layout: BOS (None: none), the turn end, and generation_config.json's eos.
+LAYOUT_TOKENS = {
+    "qwen2.5": (None, "<|im_end|>", "<|endoftext|>"),
+    "llama3": ("<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>"),
+    "deepseek": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+}
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_model_ships_its_family_layout(cpu_world, name):
+    from transformers import AutoTokenizer
+
+    layout = MODEL_LAYOUTS[name]
+    bos, turn_end, eos = LAYOUT_TOKENS[layout]
+    tokenizer = AutoTokenizer.from_pretrained(str(cpu_world[name]))
+    reference = AutoTokenizer.from_pretrained(str(cpu_world["tiny-qwen2"]))
+    assert tokenizer.bos_token == bos
+    assert tokenizer.get_vocab() == reference.get_vocab()  # one vocabulary for all
+    chat = [{"role": "user", "content": "What is 1 + 1?"}]
+    prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert ids.count(tokenizer.bos_token_id) == (bos is not None)
+    assert tokenizer(prompt)["input_ids"].count(tokenizer.bos_token_id) == 2 * (bos is not None)
+    config = json.loads((cpu_world[name] / "config.json").read_text())
+    assert config["eos_token_id"] == tokenizer.convert_tokens_to_ids(eos)
+    if name in STUDENTS:
+        generation = json.loads((cpu_world[name] / "generation_config.json").read_text())
+        assert generation["eos_token_id"] == tokenizer.convert_tokens_to_ids(eos)
+        answer = [*chat, {"role": "assistant", "content": "\\boxed{2}"}]
+        text = tokenizer.apply_chat_template(answer, tokenize=False)
+        assert text.rstrip("\n").endswith("\\boxed{2}" + turn_end)
+
+
 @pytest.mark.parametrize(
-    ("name", "arch"), [("tiny-qwen2", "Qwen2ForCausalLM"), ("tiny-llama", "LlamaForCausalLM")]
+    ("name", "arch"),
+    [
+        ("tiny-qwen2", "Qwen2ForCausalLM"),
+        ("tiny-llama", "LlamaForCausalLM"),
+        ("tiny-deepseek", "Qwen2ForCausalLM"),
+    ],
 )
 def test_students_generate_in_transformers(cpu_world, cpu_world_settings, name, arch):
     import torch
@@ -61,20 +103,18 @@ def test_students_generate_in_transformers(cpu_world, cpu_world_settings, name, 
     assert config["hidden_size"] // config["num_attention_heads"] >= 32
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}  # noqa: SIM118
-    generation = json.loads((path / "generation_config.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in generation["eos_token_id"]
+    turn_end = tokenizer.convert_tokens_to_ids(LAYOUT_TOKENS[MODEL_LAYOUTS[name]][1])
 
     model = AutoModelForCausalLM.from_pretrained(str(path))
     problem = heldout_problems(cpu_world_settings, 1)[0]
-    prompt = tokenizer.apply_chat_template(
-        prompt_messages(problem.problem), add_generation_prompt=True, tokenize=False
+    ids = encode_prompt(tokenizer, prompt_messages(problem.problem))
+    out = model.generate(
+        torch.tensor([ids]), do_sample=False, max_new_tokens=160, eos_token_id=turn_end
     )
-    assert prompt.endswith("<|im_start|>assistant\n")
-    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-    torch.manual_seed(0)
-    out = model.generate(**enc, do_sample=False, max_new_tokens=160)
-    text = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    generated = out[0, len(ids) :].tolist()
+    assert generated[-1] == turn_end  # greedy decoding ends its turn
+    text = tokenizer.decode(generated, skip_special_tokens=True)
     assert text.startswith("First, we ") and last_boxed(text) is not None
 
 
@@ -107,10 +147,12 @@ _TINY_BUILD = """
 import logging, sys
 logging.basicConfig(level=logging.INFO)
 from qup_ray.cpu_world import CpuWorldSettings, TinyLMSettings, build_cpu_world
+from qup_ray.cpu_world.settings import WarmStartSettings
 tiny = dict(train_steps=2, max_train_steps=2, batch_size=4)
 settings = CpuWorldSettings(
     cache_dir=sys.argv[1], num_train_problems=200, num_eval_problems=5, min_pass_at_8=0,
     reward_fit_steps=5, qwen2=TinyLMSettings(seed=1, **tiny), llama=TinyLMSettings(seed=2, **tiny),
+    deepseek=WarmStartSettings(seed=3, **tiny),
 )
 print(build_cpu_world(settings)["tiny-qwen2"])
 """

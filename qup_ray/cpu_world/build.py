@@ -1,4 +1,10 @@
-"""Build (or find in the cache) the CPU world: tokenizer, two tiny students, two reward models.
+"""Build (or find in the cache) the CPU world: tokenizers, three tiny students, two reward models.
+
+One byte-level BPE vocabulary, saved in three real families' tokenizer layouts (Qwen2.5-Math
+base, Llama-3, DeepSeek-R1-Distill; see ``tokenizer``). Each model uses one layout
+(``MODEL_LAYOUTS``): ``tiny-qwen2`` (Qwen2 architecture, Qwen layout), ``tiny-llama`` (Llama
+architecture, Llama-3 layout), ``tiny-deepseek`` (Qwen2 architecture, DeepSeek layout, continued
+from ``tiny-qwen2``'s weights), and the reward models those of their backbone's student.
 
 The build lives in ``<cache root>/cpu_world/<hash>/`` where ``<hash>`` covers the settings (all
 but ``cache_dir``), the source of the modules that make the models, and the versions of torch,
@@ -24,22 +30,41 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
+from typing import NamedTuple
 
 from qup_ray.cpu_world.settings import CpuWorldSettings
 
 logger = logging.getLogger(__name__)
 
 REF_PREFIX = "cpu-world:"
-STUDENTS = {"tiny-qwen2": "qwen2", "tiny-llama": "llama"}
+
+
+class _Student(NamedTuple):
+    arch: str  # "qwen2" | "llama"
+    layout: str  # a key of tokenizer.LAYOUTS
+    settings_field: str  # the CpuWorldSettings field with its training budget
+    init_from: str | None  # the student whose trained weights it starts from
+
+
+STUDENTS = {
+    "tiny-qwen2": _Student("qwen2", "qwen2.5", "qwen2", None),
+    "tiny-llama": _Student("llama", "llama3", "llama", None),
+    "tiny-deepseek": _Student("qwen2", "deepseek", "deepseek", "tiny-qwen2"),
+}
+# Reward model -> (checkpoint layout, the student whose backbone and tokenizer it uses).
 REWARD_MODELS = {
     "tiny-qwen-rm": ("qwen-rm", "tiny-qwen2"),
     "tiny-llama-rm": ("llama-rm", "tiny-llama"),
 }
 MODEL_NAMES = (*STUDENTS, *REWARD_MODELS)
+# The tokenizer layout (family) of every CPU-world model.
+MODEL_LAYOUTS = {name: s.layout for name, s in STUDENTS.items()} | {
+    name: STUDENTS[student].layout for name, (_, student) in REWARD_MODELS.items()
+}
 REPORT_FILE = "build_report.json"
 # The modules whose code decides what gets built; editing one of them invalidates the cache.
 _BUILD_MODULES = (
@@ -120,7 +145,9 @@ def _build_in_subprocess(root: Path, settings: CpuWorldSettings) -> None:
     The child imports torch with ``OMP_WAIT_POLICY=PASSIVE``: on a busy shared machine, OpenMP
     threads that spin while waiting made a training step 10-15 times slower (measured: 2.9 s
     instead of 0.2 s). A child also keeps training's seeds, thread settings and memory out of the
-    caller's process.
+    caller's process, and its stray prints (DeepSpeed's accelerator notice on
+    ``save_pretrained``) out of the caller's stdout, which may carry a result such as the JSON
+    of ``qup cpu-world build``: the child writes its stdout to stderr.
     """
     env = dict(os.environ)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -138,9 +165,17 @@ def _build_in_subprocess(root: Path, settings: CpuWorldSettings) -> None:
 def _build_into(root: Path, settings: CpuWorldSettings) -> None:
     """Build everything into ``root`` (a temporary directory named ``.<hash>.tmp-<pid>``)."""
     # Heavy imports stay here so that resolving a cached reference never loads torch.
+    from transformers import AutoTokenizer
+
     from qup_ray.cpu_world.reward_models import build_reward_model
     from qup_ray.cpu_world.students import training_problems
-    from qup_ray.cpu_world.tokenizer import COT_INSTRUCTION, save_tokenizer, train_tokenizer
+    from qup_ray.cpu_world.tokenizer import (
+        COT_INSTRUCTION,
+        LAYOUTS,
+        as_layout,
+        save_tokenizer,
+        train_tokenizer,
+    )
 
     started = time.perf_counter()
     root.mkdir(parents=True)
@@ -154,8 +189,9 @@ def _build_into(root: Path, settings: CpuWorldSettings) -> None:
     texts = [f"system\n{COT_INSTRUCTION}"]
     for p in training_problems(settings):
         texts += [f"user\n{p.problem}", f"assistant\n{p.native}", p.compact, p.reference]
-    tokenizer = train_tokenizer(texts, settings.vocab_size)
-    save_tokenizer(tokenizer, root / "tokenizer")
+    bpe = train_tokenizer(texts, settings.vocab_size)
+    for name, layout in LAYOUTS.items():
+        save_tokenizer(as_layout(bpe, layout), root / "tokenizers" / name)
     report["timings_s"]["tokenizer"] = round(time.perf_counter() - t0, 1)
 
     t0 = time.perf_counter()
@@ -165,6 +201,7 @@ def _build_into(root: Path, settings: CpuWorldSettings) -> None:
     report["reward_models"] = {}
     for name, (layout, student) in REWARD_MODELS.items():
         t0 = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(str(root / student))
         report["reward_models"][name] = build_reward_model(
             layout, root / student, tokenizer, settings, root / name
         )
@@ -178,24 +215,33 @@ def _build_into(root: Path, settings: CpuWorldSettings) -> None:
 
 
 def _train_students_in_parallel(root: Path, settings: CpuWorldSettings) -> dict[str, dict]:
-    """Train the students at the same time, one process each, the cores split between them.
+    """Train the students at the same time, one process each, the cores split between them; a
+    student that starts from another's weights starts when that one is done.
 
     On 2 cores two single-threaded trainings finish sooner than two two-threaded ones in turn
     (these small matrices scale poorly across threads), and they do not suffer when another
     process takes a core.
     """
     cpus = len(os.sched_getaffinity(0))
-    workers = max(1, min(len(STUDENTS), cpus))
+    fresh = [name for name, s in STUDENTS.items() if s.init_from is None]
+    workers = max(1, min(len(fresh), cpus))
     threads = max(1, cpus // workers)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch state
+    reports: dict[str, dict] = {}
     with ProcessPoolExecutor(
         workers, mp_context=context, initializer=_init_worker, initargs=(threads,)
     ) as pool:
-        jobs = {
-            name: pool.submit(_train_student_job, arch, settings.model_dump_json(), str(root))
-            for name, arch in STUDENTS.items()
-        }
-        return {name: job.result() for name, job in jobs.items()}
+
+        def submit(name: str) -> Future:
+            return pool.submit(_train_student_job, name, settings.model_dump_json(), str(root))
+
+        jobs = {name: submit(name) for name in fresh}
+        while jobs:
+            done, _ = wait(jobs.values(), return_when=FIRST_COMPLETED)
+            for name in [n for n, job in jobs.items() if job in done]:
+                reports[name] = jobs.pop(name).result()
+                jobs |= {n: submit(n) for n, s in STUDENTS.items() if s.init_from == name}
+    return {name: reports[name] for name in STUDENTS}
 
 
 def _init_worker(num_threads: int) -> None:
@@ -205,15 +251,25 @@ def _init_worker(num_threads: int) -> None:
     torch.set_num_threads(num_threads)
 
 
-def _train_student_job(arch: str, settings_json: str, root: str) -> dict:
+def _train_student_job(name: str, settings_json: str, root: str) -> dict:
     from transformers import AutoTokenizer
 
     from qup_ray.cpu_world.students import train_student
+    from qup_ray.cpu_world.tokenizer import LAYOUTS
 
     settings = CpuWorldSettings.model_validate_json(settings_json)
-    tokenizer = AutoTokenizer.from_pretrained(str(Path(root) / "tokenizer"))
-    name = next(n for n, a in STUDENTS.items() if a == arch)
-    return train_student(arch, settings, tokenizer, Path(root) / name)  # type: ignore[arg-type]
+    spec = STUDENTS[name]
+    tokenizer = AutoTokenizer.from_pretrained(str(Path(root) / "tokenizers" / spec.layout))
+    return train_student(
+        name,
+        spec.arch,  # type: ignore[arg-type]
+        LAYOUTS[spec.layout],  # type: ignore[index]
+        getattr(settings, spec.settings_field),
+        settings,
+        tokenizer,
+        Path(root) / name,
+        init_dir=None if spec.init_from is None else Path(root) / spec.init_from,
+    )
 
 
 def is_cpu_world_ref(ref: str) -> bool:
@@ -224,8 +280,8 @@ def is_cpu_world_ref(ref: str) -> bool:
 def resolve_model_ref(ref: str, settings: CpuWorldSettings | None = None) -> str:
     """A local directory for ``cpu-world:<name>`` (building the world if needed), else ``ref``.
 
-    Names: ``tiny-qwen2``, ``tiny-llama`` (students), ``tiny-qwen-rm``, ``tiny-llama-rm``
-    (reward models). Hub ids and local paths pass through unchanged.
+    Names: ``tiny-qwen2``, ``tiny-llama``, ``tiny-deepseek`` (students), ``tiny-qwen-rm``,
+    ``tiny-llama-rm`` (reward models); ``MODEL_LAYOUTS`` gives each one's tokenizer layout. Hub ids and local paths pass through unchanged.
     """
     if not is_cpu_world_ref(ref):
         return ref
@@ -245,5 +301,6 @@ def read_build_report(settings: CpuWorldSettings | None = None) -> dict:
 
 def _child_main(argv: list[str]) -> None:
     """Entry of the build child started by ``_build_in_subprocess``: ``ROOT SETTINGS_JSON``."""
+    os.dup2(2, 1)  # stdout to stderr, for this process and the training workers it starts
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     _build_into(Path(argv[0]), CpuWorldSettings.model_validate_json(argv[1]))

@@ -3,7 +3,7 @@
 - ``cpu_world_settings``: the default ``CpuWorldSettings`` (cache root ``$QUP_CACHE_DIR`` or
   ``~/.cache/qup_ray``, which persists across test runs, so the models are built once);
 - ``cpu_world``: the built model directories by name (``tiny-qwen2``, ``tiny-llama``,
-  ``tiny-qwen-rm``, ``tiny-llama-rm``), built at most once per session;
+  ``tiny-deepseek``, ``tiny-qwen-rm``, ``tiny-llama-rm``), built at most once per session;
 - ``rule_oracle``: a running rule oracle without faults (``.base_url`` ends in ``/v1``);
 - ``rule_oracle_factory``: ``make(faults: FaultConfig | None = None, **fault_fields)`` starts
   more oracles (with faults); all are stopped at the end of the session.

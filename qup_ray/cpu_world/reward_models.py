@@ -1,5 +1,8 @@
 """Tiny reward models in the two checkpoint layouts the paper's reward models use.
 
+Each uses the tokenizer layout of its backbone's student (``tiny-qwen-rm``: Qwen2.5, no BOS;
+``tiny-llama-rm``: Llama-3, whose tokenizer adds ``<|begin_of_text|>`` itself).
+
 - ``tiny-qwen-rm``: the Qwen2.5-Math-RM layout. ``config.json`` names the architecture
   ``Qwen2ForRewardModel``; the weights are a Qwen2 backbone (``model.*``) plus a score head
   ``score.0`` Linear(hidden, hidden), ReLU, ``score.2`` Linear(hidden, 1). transformers has no
@@ -10,6 +13,8 @@
   with ``num_labels=1`` (head ``score.weight``, no bias). In vLLM: ``llm.classify(texts)``; the
   reward is ``outputs[i].outputs.probs[0]``.
 
+Give vLLM token ids (``TokensPrompt``) of the rendered chat tokenized without special tokens:
+given text, vLLM tokenizes it again with the Llama-3 tokenizer's own BOS, a second one.
 Pass ``pooling_params=PoolingParams(use_activation=False)`` in both cases for the raw reward
 (the number a transformers forward pass gives, and the one the paper reports): vLLM's default
 is raw for ``Qwen2ForRewardModel`` but a sigmoid for a one-label sequence classifier.
@@ -39,7 +44,7 @@ from transformers import (
 )
 
 from qup_ray.cpu_world.settings import CpuWorldSettings
-from qup_ray.cpu_world.students import corrupt_one_digit, heldout_problems
+from qup_ray.cpu_world.students import corrupt_one_digit, heldout_problems, pad_batch
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +53,9 @@ _TARGETS = {"compact": 2.0, "reference": 1.5, "native": 1.0, "wrong": -0.5}
 
 
 def chat_text(tokenizer: PreTrainedTokenizerFast, problem: str, response: str) -> str:
-    """The text a CPU-world reward model scores: the problem and response as a chat."""
+    """The text a CPU-world reward model scores: the problem and response as a chat, through
+    the reward model's chat template (BOS included where the family has one, so tokenize it
+    with ``add_special_tokens=False``)."""
     messages = [{"role": "user", "content": problem}, {"role": "assistant", "content": response}]
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
@@ -81,15 +88,11 @@ def _last_hidden(
     """
     rows = []
     for start in range(0, len(texts), batch_size):
-        enc = tokenizer(
-            texts[start : start + batch_size],
-            return_tensors="pt",
-            padding=True,
-            padding_side="right",
-            add_special_tokens=False,
-        )
-        hidden = backbone(**enc).last_hidden_state
-        last = enc["attention_mask"].sum(dim=1) - 1
+        ids = tokenizer(texts[start : start + batch_size], add_special_tokens=False)["input_ids"]
+        # Padded by hand: the Llama-3 layout, like the real one, has no pad token.
+        input_ids, attention = pad_batch(ids, pad_id=0, side="right")
+        hidden = backbone(input_ids=input_ids, attention_mask=attention).last_hidden_state
+        last = attention.sum(dim=1) - 1
         rows.append(hidden[torch.arange(hidden.size(0)), last])
     return torch.cat(rows)
 

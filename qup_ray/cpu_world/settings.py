@@ -61,8 +61,33 @@ class TinyLMSettings(BaseModel):
         return self
 
 
+class WarmStartSettings(BaseModel):
+    """Training budget of a student that starts from another student's trained weights and
+    continues on its own family's chat layout (same architecture and vocabulary)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    seed: int = 0
+    """Seed of the order of training examples."""
+    train_steps: int = Field(250, ge=1)
+    """Optimizer steps before the first pass@8 check."""
+    max_train_steps: int = Field(500, ge=1)
+    """Upper bound on optimizer steps (more phases of ``train_steps / 4`` while below
+    ``min_pass_at_8``)."""
+    batch_size: int = Field(16, ge=1)
+    """Training sequences per optimizer step."""
+    learning_rate: float = Field(2e-3, gt=0)
+    """Peak AdamW learning rate (linear warm-up, then cosine decay to a tenth)."""
+
+    @model_validator(mode="after")
+    def _check_steps(self) -> WarmStartSettings:
+        if self.max_train_steps < self.train_steps:
+            raise ValueError("max_train_steps must be at least train_steps")
+        return self
+
+
 class CpuWorldSettings(BaseModel):
-    """Everything that determines the CPU world's tokenizer, students and reward models."""
+    """Everything that determines the CPU world's tokenizers, students and reward models."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
@@ -79,14 +104,21 @@ class CpuWorldSettings(BaseModel):
     """Held-out problems of the build-time pass@8 check."""
     noise_rate: float = Field(0.05, ge=0, le=1)
     """Fraction of training targets with one digit changed, so students also learn mistakes."""
+    next_turn_rate: float = Field(0.75, ge=0, le=1)
+    """Fraction of training sequences that go on past the turn end into another user turn (the
+    rest end with the EOS), as a base model's data does: sampled without the family's stop
+    tokens, a student then writes an invented next turn."""
     min_pass_at_8: float = Field(0.3, ge=0, le=1)
     """Training continues (up to ``max_train_steps``) until held-out pass@8 reaches this."""
     vocab_size: int = Field(768, ge=300)
     """Upper bound on the byte-level BPE vocabulary shared by all CPU-world models."""
     qwen2: TinyLMSettings = TinyLMSettings(seed=1)
-    """The ``Qwen2ForCausalLM`` student (``cpu-world:tiny-qwen2``)."""
+    """The ``Qwen2ForCausalLM`` student on the Qwen2.5-Math layout (``cpu-world:tiny-qwen2``)."""
     llama: TinyLMSettings = TinyLMSettings(seed=2)
-    """The ``LlamaForCausalLM`` student (``cpu-world:tiny-llama``)."""
+    """The ``LlamaForCausalLM`` student on the Llama-3 layout (``cpu-world:tiny-llama``)."""
+    deepseek: WarmStartSettings = WarmStartSettings(seed=3)
+    """The DeepSeek-R1-Distill-layout student (``cpu-world:tiny-deepseek``): ``tiny-qwen2``'s
+    weights trained further on the DeepSeek chat template."""
     reward_fit_steps: int = Field(300, ge=0)
     """Steps fitting each reward head to prefer correct, compact traces (0: random heads)."""
 

@@ -1,9 +1,12 @@
 """Tiny student language models (Qwen2 and Llama architectures) trained on CPU with plain torch.
 
 A student is trained on native-style solutions of synthetic problems, formatted through the chat
-template, with a little target noise (one digit changed), until sampling at T=1.0 solves part of
-held-out problems in at least one of 8 tries. The result is a normal transformers checkpoint
-(float32 safetensors, config, generation config, tokenizer) that vLLM loads as well.
+template of its family's tokenizer layout (``tokenizer.LAYOUTS``), with a little target noise (one
+digit changed), until sampling at T=1.0 (stopping on the turn-end token) solves part of held-out
+problems in at least one of 8 tries. Like a real base model, a student has also seen text go on
+past the turn end, so without the family's stop tokens it writes an invented next turn. The result
+is a normal transformers checkpoint (float32 safetensors, config, generation config, tokenizer)
+that vLLM loads as well.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import (
+    AutoModelForCausalLM,
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
@@ -30,9 +34,9 @@ from transformers import (
 )
 
 from qup_ray.cpu_world.boxed import is_correct, last_boxed
-from qup_ray.cpu_world.settings import CpuWorldSettings, TinyLMSettings
+from qup_ray.cpu_world.settings import CpuWorldSettings, TinyLMSettings, WarmStartSettings
 from qup_ray.cpu_world.synthetic import FAMILIES, SolvedProblem, sample_problems
-from qup_ray.cpu_world.tokenizer import COT_INSTRUCTION, IM_END, PAD_TOKEN
+from qup_ray.cpu_world.tokenizer import COT_INSTRUCTION, Layout, token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -100,41 +104,98 @@ class _Example:
     num_prompt_tokens: int
 
 
+def encode_prompt(tokenizer: PreTrainedTokenizerFast, messages: list[dict]) -> list[int]:
+    """Token ids of the chat up to the assistant turn: the template's text tokenized without
+    adding special tokens, so a family with a BOS gets exactly the template's one."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def next_turn_text(
+    tokenizer: PreTrainedTokenizerFast,
+    layout: Layout,
+    messages: list[dict],
+    response: str,
+    next_user: str,
+) -> str:
+    """What the chat template writes after the response's turn-end token when another user
+    turn (``next_user``) follows, up to and including the next generation prompt."""
+    chat = [
+        *messages,
+        {"role": "assistant", "content": response},
+        {"role": "user", "content": next_user},
+    ]
+    text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    cut = text.rindex(layout.turn_end, 0, text.rindex(next_user)) + len(layout.turn_end)
+    return text[cut:]
+
+
 def _encode_examples(
     problems: list[SolvedProblem],
     tokenizer: PreTrainedTokenizerFast,
-    noise_rate: float,
+    layout: Layout,
+    settings: CpuWorldSettings,
     rng: random.Random,
 ) -> list[_Example]:
-    prompts, targets = [], []
+    """Training sequences: prompt, response, turn end, then what a base model's data has next.
+
+    Like a real base model's data, a sequence goes on past the turn end: mostly into another
+    user turn and the next generation prompt (so a student sampled without the family's stop
+    tokens runs on into an invented next turn), otherwise into the EOS where it differs.
+    """
+    turn_end = tokenizer.convert_tokens_to_ids(layout.turn_end)
+    texts, examples = [], []
     for p in problems:
-        messages = prompt_messages(p.problem, rng.randrange(3))
-        prompts.append(
-            tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        )
-        target = corrupt_one_digit(p.native, rng) if rng.random() < noise_rate else p.native
-        targets.append(target + IM_END)
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
-    return [_Example(p + t, len(p)) for p, t in zip(prompt_ids, target_ids, strict=True)]
+        form = rng.randrange(3)
+        messages = prompt_messages(p.problem, form)
+        noisy = rng.random() < settings.noise_rate
+        target = corrupt_one_digit(p.native, rng) if noisy else p.native
+        if rng.random() < settings.next_turn_rate:
+            following = prompt_messages(rng.choice(problems).problem, form)[-1]["content"]
+            after = next_turn_text(tokenizer, layout, messages, target, following)
+        else:
+            after = layout.eos_token if layout.eos_token != layout.turn_end else ""
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        texts += [prompt, target, after]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    for i in range(0, len(ids), 3):
+        prompt_ids, target_ids, after_ids = ids[i : i + 3]
+        examples.append(_Example([*prompt_ids, *target_ids, turn_end, *after_ids], len(prompt_ids)))
+    return examples
+
+
+def pad_batch(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` padded to one length on ``side`` (ids, attention mask); needs no pad token."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(length - len(r), length) if side == "left" else slice(0, len(r))
+        ids[i, span] = torch.tensor(r, dtype=torch.long)
+        attention[i, span] = 1
+    return ids, attention
 
 
 def _collate(batch: list[_Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    length = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(batch), length), dtype=torch.long)
-    labels = torch.full((len(batch), length), -100, dtype=torch.long)
+    ids, attention = pad_batch([e.input_ids for e in batch], pad_id, "right")
+    labels = torch.full_like(ids, -100)
     for row, e in enumerate(batch):
         n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        attention[row, :n] = 1
-        # Loss only on the answer: the student learns to solve, not to write problems.
+        # Loss only after the prompt: the student learns to solve, not to write the first problem.
         labels[row, e.num_prompt_tokens : n] = ids[row, e.num_prompt_tokens : n]
     return ids, attention, labels
 
 
+def _special_ids(tokenizer: PreTrainedTokenizerFast, layout: Layout) -> dict[str, int | None]:
+    """``config.json``'s bos/eos/pad ids for ``layout`` (as the real checkpoints set them)."""
+    ids = token_ids(tokenizer, layout)
+    # Qwen2.5-Math's config names <|endoftext|> as both (its tokenizer has no BOS).
+    bos = ids["bos"] if ids["bos"] is not None else ids["eos"]
+    return {"bos_token_id": bos, "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]}
+
+
 def _make_model(
-    arch: Arch, cfg: TinyLMSettings, tokenizer: PreTrainedTokenizerFast
+    arch: Arch, cfg: TinyLMSettings, tokenizer: PreTrainedTokenizerFast, layout: Layout
 ) -> PreTrainedModel:
     common = dict(
         vocab_size=len(tokenizer),
@@ -145,10 +206,8 @@ def _make_model(
         intermediate_size=cfg.intermediate_size,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
-        pad_token_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN),
         torch_dtype="float32",
+        **_special_ids(tokenizer, layout),
     )
     torch.manual_seed(cfg.seed)
     if arch == "qwen2":
@@ -167,11 +226,10 @@ def _lr_at(step: int, num_steps: int, peak: float) -> float:
 def _train_phase(
     model: PreTrainedModel,
     examples: list[_Example],
-    cfg: TinyLMSettings,
+    batch_size: int,
     num_steps: int,
     peak_lr: float,
     rng: random.Random,
-    pad_id: int,
     desc: str,
 ) -> float:
     """``num_steps`` AdamW steps of masked cross-entropy; returns the mean loss of the last 20."""
@@ -183,7 +241,8 @@ def _train_phase(
     for step in tqdm(range(num_steps), desc=desc, mininterval=10, leave=False):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, num_steps, peak_lr)
-        ids, attention, labels = _collate(rng.sample(examples, cfg.batch_size), pad_id)
+        # Padding is masked out of attention and loss, so any id serves.
+        ids, attention, labels = _collate(rng.sample(examples, batch_size), pad_id=0)
         logits = model(input_ids=ids, attention_mask=attention).logits
         loss = F.cross_entropy(
             logits[:, :-1].reshape(-1, logits.size(-1)),
@@ -202,99 +261,111 @@ def _train_phase(
 def sample_pass_at_k(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerFast,
+    layout: Layout,
     problems: list[SolvedProblem],
     k: int = 8,
     seed: int = 0,
     batch_problems: int = 16,
 ) -> dict[str, float]:
-    """pass@k, mean accuracy and boxed rate of ``problems`` sampled at T=1.0 with transformers."""
+    """pass@k, mean accuracy, boxed rate and stop rate of ``problems`` sampled at T=1.0 with
+    transformers, stopping on the layout's turn-end token as the suite's engines do."""
     model.eval()
     torch.manual_seed(seed)
-    solved = correct = boxed = 0
+    turn_end = tokenizer.convert_tokens_to_ids(layout.turn_end)
+    solved = correct = boxed = stopped = 0
     for start in range(0, len(problems), batch_problems):
         chunk = problems[start : start + batch_problems]
-        prompts = [
-            tokenizer.apply_chat_template(
-                prompt_messages(p.problem), add_generation_prompt=True, tokenize=False
-            )
-            for p in chunk
-        ]
-        enc = tokenizer(
-            prompts,
-            return_tensors="pt",
-            padding=True,
-            padding_side="left",
-            add_special_tokens=False,
+        ids, attention = pad_batch(
+            [encode_prompt(tokenizer, prompt_messages(p.problem)) for p in chunk], turn_end, "left"
         )
         out = model.generate(
-            **enc,
+            input_ids=ids,
+            attention_mask=attention,
             do_sample=True,
             temperature=1.0,
             top_k=0,
             top_p=1.0,
             max_new_tokens=MAX_NEW_TOKENS,
             num_return_sequences=k,
-            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=turn_end,
+            pad_token_id=turn_end,
         )
-        texts = tokenizer.batch_decode(
-            out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
-        )
+        generated = out[:, ids.shape[1] :].tolist()
         for i, p in enumerate(chunk):
-            samples = texts[i * k : (i + 1) * k]
-            hits = [is_correct(s, p.answer) for s in samples]
+            samples = generated[i * k : (i + 1) * k]
+            ends = [s.index(turn_end) if turn_end in s else len(s) for s in samples]
+            texts = [tokenizer.decode(s[:e]) for s, e in zip(samples, ends, strict=True)]
+            hits = [is_correct(t, p.answer) for t in texts]
             solved += any(hits)
             correct += sum(hits)
-            boxed += sum(last_boxed(s) is not None for s in samples)
+            boxed += sum(last_boxed(t) is not None for t in texts)
+            stopped += sum(e < len(s) for s, e in zip(samples, ends, strict=True))
     n = len(problems)
     return {
         "pass_at_k": solved / n,
         "mean_accuracy": correct / (n * k),
         "boxed_rate": boxed / (n * k),
+        "stop_rate": stopped / (n * k),
     }
 
 
 def train_student(
+    name: str,
     arch: Arch,
+    layout: Layout,
+    cfg: TinyLMSettings | WarmStartSettings,
     settings: CpuWorldSettings,
     tokenizer: PreTrainedTokenizerFast,
     out_dir: Path,
+    init_dir: Path | None = None,
 ) -> dict:
-    """Train one tiny student, save it (with the tokenizer) into ``out_dir``; returns a report."""
-    cfg: TinyLMSettings = getattr(settings, arch)
+    """Train one tiny student on ``layout``'s chat format, save it (with the tokenizer) into
+    ``out_dir``; returns a report. With ``init_dir`` it continues from that checkpoint's weights
+    (same vocabulary) instead of a fresh initialisation."""
     started = time.perf_counter()
     rng = random.Random(cfg.seed)
-    examples = _encode_examples(training_problems(settings), tokenizer, settings.noise_rate, rng)
+    examples = _encode_examples(training_problems(settings), tokenizer, layout, settings, rng)
     eval_problems = heldout_problems(settings, settings.num_eval_problems)
-    model = _make_model(arch, cfg, tokenizer)
-    pad_id = tokenizer.pad_token_id
+    if init_dir is None:
+        assert isinstance(cfg, TinyLMSettings)
+        model = _make_model(arch, cfg, tokenizer, layout)
+    else:
+        torch.manual_seed(cfg.seed)
+        model = AutoModelForCausalLM.from_pretrained(str(init_dir), dtype=torch.float32)
+        for key, value in _special_ids(tokenizer, layout).items():
+            setattr(model.config, key, value)
     logger.info(
-        "training tiny-%s (%.2fM parameters) on %d examples",
-        arch, sum(p.numel() for p in model.parameters()) / 1e6, len(examples),
+        "training %s (%.2fM parameters, %s layout) on %d examples",
+        name, sum(p.numel() for p in model.parameters()) / 1e6, layout.name, len(examples),
     )  # fmt: skip
     steps, peak = cfg.train_steps, cfg.learning_rate
-    loss = _train_phase(model, examples, cfg, steps, peak, rng, pad_id, f"tiny-{arch}")
-    metrics = sample_pass_at_k(model, tokenizer, eval_problems, seed=cfg.seed)
-    logger.info("tiny-%s after %d steps: loss %.3f, %s", arch, steps, loss, metrics)
+    loss = _train_phase(model, examples, cfg.batch_size, steps, peak, rng, name)
+    metrics = sample_pass_at_k(model, tokenizer, layout, eval_problems, seed=cfg.seed)
+    logger.info("%s after %d steps: loss %.3f, %s", name, steps, loss, metrics)
     # Too weak to give the pipeline data: keep training in short phases at half the peak rate.
     while metrics["pass_at_k"] < settings.min_pass_at_8 and steps < cfg.max_train_steps:
         extra = min(max(1, cfg.train_steps // 4), cfg.max_train_steps - steps)
         peak = cfg.learning_rate / 2
-        loss = _train_phase(model, examples, cfg, extra, peak, rng, pad_id, f"tiny-{arch} (more)")
+        loss = _train_phase(model, examples, cfg.batch_size, extra, peak, rng, f"{name} (more)")
         steps += extra
-        metrics = sample_pass_at_k(model, tokenizer, eval_problems, seed=cfg.seed)
-        logger.info("tiny-%s after %d steps: loss %.3f, %s", arch, steps, loss, metrics)
+        metrics = sample_pass_at_k(model, tokenizer, layout, eval_problems, seed=cfg.seed)
+        logger.info("%s after %d steps: loss %.3f, %s", name, steps, loss, metrics)
     if metrics["pass_at_k"] < settings.min_pass_at_8:
-        logger.warning("tiny-%s stays below pass@8 %.2f", arch, settings.min_pass_at_8)
+        logger.warning("%s stays below pass@8 %.2f", name, settings.min_pass_at_8)
 
+    ids = token_ids(tokenizer, layout)
+    eos = [tokenizer.convert_tokens_to_ids(t) for t in layout.generation_eos]
     model.generation_config = GenerationConfig(
-        bos_token_id=None,
-        eos_token_id=[tokenizer.convert_tokens_to_ids(IM_END), pad_id],
-        pad_token_id=pad_id,
+        bos_token_id=_special_ids(tokenizer, layout)["bos_token_id"],
+        eos_token_id=eos[0] if len(eos) == 1 else eos,
     )
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
     return {
         "architecture": type(model).__name__,
+        "layout": layout.name,
+        "token_ids": ids,
+        "init_from": None if init_dir is None else init_dir.name,
         "train_steps": steps,
         "final_train_loss": round(loss, 4),
         "heldout_hf": {k: round(v, 4) for k, v in metrics.items()},
