@@ -29,7 +29,8 @@ from qup_ray.grid import launch
 from qup_ray.grid.submit import slurm_states, wait_for_slurm
 from qup_ray.rundir import MANIFEST
 
-pytestmark = [pytest.mark.slurm, pytest.mark.cluster, pytest.mark.slow]
+# Engines start and a grid waits for its jobs: minutes on 2 cores, more than the default limit.
+pytestmark = [pytest.mark.slurm, pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(3600)]
 
 # 32 samples per problem: shards take seconds each on 2 cores, so interruptions land between them.
 NUM_PROBLEMS, SHARD_SIZE, SAMPLES = 16, 4, 32
@@ -198,3 +199,36 @@ def test_job_hitting_its_time_limit_requeues_and_resumes(slurm_cluster, cpu_worl
     got = rows(run / "rollouts" / "tiny-qwen" / "rollouts.parquet")
     assert len({(r["problem_id"], r["sample_idx"]) for r in got}) == len(got) == problems * SAMPLES
     assert not own_ray_processes(job_id)
+
+
+def test_grid_of_train_and_eval_cells(slurm_cluster, cpu_world, tmp_path: Path):
+    """Data stages, two training cells (one SLURM array) and their evaluations (an array whose
+    task i waits for training task i), each job on its own Ray cluster."""
+    cells = ["tiny-qwen/slm_rft/sft", "tiny-qwen/oracle_refined/sft"]
+    cfg, _ = experiment(tmp_path, cpu_world, [
+        "rollouts.num_samples_per_problem=8", "streams.enabled=[slm_rft, oracle_refined]",
+        "streams.style_oracles=[]", "training.objectives=[sft]",
+        "evaluation.max_problems_per_benchmark=8", "evaluation.shard_size=4"])  # fmt: skip
+    run = tmp_path / "dryrun"
+    stages = ["problems", "rollouts", "streams", "train", "eval"]
+    result = launch(cfg, cluster_config(timeout_min=60), stages=stages, cells=cells)
+    ids = result.job_ids
+    assert list(ids) == ["problems", "rollouts", "streams", *(f"{k}/{c}" for c in cells
+                                                             for k in ("train", "eval"))]  # fmt: skip
+    train_array = ids[f"train/{cells[0]}"].split("_")[0]
+    assert [ids[f"train/{c}"] for c in cells] == [f"{train_array}_0", f"{train_array}_1"]
+    assert f"afterok:{ids['streams']}" in scontrol_job(ids[f"train/{cells[0]}"])
+    assert f"aftercorr:{train_array}" in scontrol_job(ids[f"eval/{cells[1]}"])
+    states = wait_for_slurm(ids, timeout_s=3000)
+    assert set(states.values()) == {"COMPLETED"}, states
+    k = cfg.evaluation.num_samples
+    for cell in cells:
+        assert (run / "train" / cell / MANIFEST).is_file()
+        assert (run / "train" / cell / "model" / "config.json").is_file()
+        assert (run / "eval" / cell / MANIFEST).is_file()
+        evaluated = pq.read_table(run / "eval" / cell / "synthetic_test.parquet")
+        assert evaluated.num_rows == 8 * k
+    status = qup("status", str(run), timeout=120)
+    lines = {line.split()[0]: line.split() for line in status.stdout.splitlines()[1:-1]}
+    for cell in cells:
+        assert lines[f"train/{cell}"][1:4] == ["done", ids[f"train/{cell}"], "COMPLETED"]
