@@ -123,7 +123,7 @@ class StageJob:
             )  # fmt: skip
             os.environ["RAY_ADDRESS"] = address
             os.environ["RAY_AUTH_MODE"] = "disabled"
-            self._wait_for_workers(address, env.num_nodes)
+            self._connect(address, env.num_nodes)
             out = run_stage(self.stage, self.cfg, cells=self.cells)
             return {"job": self.name, "output": str(out), "seconds": round(time.time() - t0, 1)}
         finally:
@@ -132,18 +132,21 @@ class StageJob:
             node.stop()
             ray_cluster.remove_temp_dir(settings["temp_dir"])
 
-    def _wait_for_workers(self, address: str, num_nodes: int) -> None:
-        if num_nodes == 1:
-            return
+    def _connect(self, address: str, num_nodes: int) -> None:
+        """Join the job's cluster as its driver (the stage's `init_ray` then finds it joined) and
+        wait until every node's worker is in."""
         import ray
 
         ray.init(address=address, log_to_driver=True)
+        # ray.init installs its own SIGTERM handler, which dies without running `finally`.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         deadline = time.monotonic() + WORKER_JOIN_TIMEOUT_S
         while sum(n["Alive"] for n in ray.nodes()) < num_nodes:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only part of the {num_nodes} Ray nodes joined")
             time.sleep(2)
-        logger.info("all %d Ray nodes joined", num_nodes)
+        if num_nodes > 1:
+            logger.info("all %d Ray nodes joined", num_nodes)
 
     @staticmethod
     def _shutdown_driver() -> None:
