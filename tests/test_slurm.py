@@ -180,22 +180,33 @@ def test_grid_requeued_mid_stage_matches_the_direct_run(
 
 
 def test_job_hitting_its_time_limit_requeues_and_resumes(slurm_cluster, cpu_world, tmp_path):
-    """A 3-minute limit with USR2 30 s before it (slurmctld checks every 30 s, so it comes 30 to
-    60 s before) on rollouts of 128 problems, more than one attempt generates on 2 cores: the
-    job checkpoints, requeues itself through submitit and resumes from its shards."""
-    problems = 8 * NUM_PROBLEMS
+    """Once rollouts are mid-stage, the job's time limit is cut to a minute or two from now:
+    SLURM sends USR2 `signal_delay_s` before it, submitit calls the job's `checkpoint()` and
+    requeues it, and the next attempt resumes from the shards. (Cutting the limit at a known
+    point makes the test independent of how long engines take to start on a busy machine.)"""
+    problems = 8 * NUM_PROBLEMS  # 32 shards: minutes of generation, the limit falls among them
     cfg, _ = experiment(tmp_path, cpu_world, [f"problems.num_problems={problems}"])
     run = tmp_path / "dryrun"
-    cluster = cluster_config(timeout_min=3, signal_delay_s=30, max_requeues=8)
-    result = launch(cfg, cluster, stages=["problems", "rollouts"])
+    # 12 minutes: submitit counts a USR2 after 2 minutes of a 12-minute job as a time-out.
+    result = launch(cfg, cluster_config(timeout_min=12, signal_delay_s=30),
+                    stages=["problems", "rollouts"])  # fmt: skip
     job_id = result.job_ids["rollouts"]
+    shards = run / "rollouts" / "tiny-qwen" / "_shards"
+    wait_until("a first rollouts shard", lambda: list(shards.glob("shard-*.parquet")), poll_s=0.2)
+    run_s = sum(int(x) * f for x, f in zip(
+        re.search(r"RunTime=(\d+):(\d+):(\d+)", scontrol_job(job_id)).groups(),
+        (3600, 60, 1), strict=True))  # fmt: skip
+    limit_min = run_s // 60 + 2
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={limit_min}"], check=True)
+    wait_until("the requeue", lambda: "Restarts=1" in scontrol_job(job_id), timeout_s=600)
+    assert not (run / "rollouts" / "tiny-qwen" / MANIFEST).is_file(), "finished before the limit"
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=12"], check=True)
     states = wait_for_slurm(result.job_ids, timeout_s=1800)
     assert states == {"problems": "COMPLETED", "rollouts": "COMPLETED"}, slurm_states([job_id])
     log = "\n".join(p.read_text() for p in (run / "slurm_logs" / job_id).glob("*.out"))
     assert "this job is timed-out" in log
     assert "resuming," in log
     assert (run / "grid" / "ray" / f"{job_id}.1" / "head.json").is_file()  # a second attempt
-    assert (run / "rollouts" / "tiny-qwen" / MANIFEST).is_file()
     got = rows(run / "rollouts" / "tiny-qwen" / "rollouts.parquet")
     assert len({(r["problem_id"], r["sample_idx"]) for r in got}) == len(got) == problems * SAMPLES
     assert not own_ray_processes(job_id)
