@@ -79,7 +79,8 @@ def build_report(
         f"Source: {data.source}. Students: {', '.join(data.students)}. Objectives: "
         f"{', '.join(data.objectives)}. Benchmarks: {', '.join(data.benchmarks) or 'none listed'}. "
         f"Intervals: {settings.level:.0%} percentile bootstrap, {settings.num_resamples} "
-        f"resamples, seed {settings.seed}.",
+        f"resamples, seed {settings.seed}. A stream's reward, PPL and style values are means "
+        "over its traces (as in scores/*/summary.json); Avg@k and its spread are in percent.",
     )
     doc.add("h2", "Verdict")
     for (student, objective), rows in verdict.groupby(["student", "objective"], sort=False):

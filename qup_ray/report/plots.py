@@ -37,6 +37,42 @@ def _grid(
     return fig, flat[:n]
 
 
+def _log_if_wide(ax: plt.Axes, values: np.ndarray, axis: str) -> None:
+    """Log scale when values span more than 20x: a few huge PPLs would flatten the rest."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values) & (values > 0)]
+    if values.size and values.max() / values.min() > 20:
+        (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+
+
+def _scatter_labelled(ax: plt.Axes, x: pd.Series, y: pd.Series, colors: dict) -> None:
+    """One point per stream (index of x and y), labelled; labels that would overlap are stacked
+    downwards, and labels of points in the right half point left so they stay inside."""
+    for stream in x.index:
+        ax.scatter(x[stream], y[stream], color=colors.get(stream), s=60)
+    ax.autoscale_view()
+    pixels = ax.transData.transform(np.column_stack([x.to_numpy(float), y.to_numpy(float)]))
+    middle = ax.transAxes.transform((0.5, 0.5))[0]
+    placed: list[tuple[float, float, float]] = []  # label start x, end x, y in pixels
+    order = sorted(range(len(x)), key=lambda i: (-pixels[i][1], pixels[i][0]))
+    for i in order:
+        stream, (px, py) = x.index[i], pixels[i]
+        width = 5.5 * len(stream) + 8
+        left, right = (px - width, px) if px > middle else (px, px + width)
+        offset = 4.0
+        while any(a < right and left < b and abs(py + offset - h) < 11 for a, b, h in placed):
+            offset -= 11
+        placed.append((left, right, py + offset))
+        ax.annotate(
+            stream,
+            (x.iloc[i], y.iloc[i]),
+            textcoords="offset pixels",
+            xytext=(-5 if px > middle else 5, offset),
+            ha="right" if px > middle else "left",
+            fontsize=8,
+        )
+
+
 def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
@@ -55,15 +91,8 @@ def ppl_vs_accuracy(data: ReportData, student: str, path: Path) -> Path | None:
     colors = _colors(data.stream_names[student])
     fig, axes = _grid(len(panels))
     for ax, (objective, table) in zip(axes, panels, strict=True):
-        for stream, row in table.iterrows():
-            ax.scatter(row.ppl, row.total_avg, color=colors.get(stream), s=60)
-            ax.annotate(
-                stream,
-                (row.ppl, row.total_avg),
-                textcoords="offset points",
-                xytext=(5, 4),
-                fontsize=8,
-            )
+        _log_if_wide(ax, table.ppl.to_numpy(), "x")
+        _scatter_labelled(ax, table.ppl, table.total_avg, colors)
         ax.set(
             title=f"{student} {objective}",
             xlabel="global PPL of the stream",
@@ -85,6 +114,7 @@ def quarter_ppl(data: ReportData, student: str, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for stream, values in table.iterrows():
         ax.plot(range(1, 5), values.to_numpy(), marker="o", label=stream, color=colors.get(stream))
+    _log_if_wide(ax, table.to_numpy().ravel(), "y")
     ax.set(
         title=f"{student}: PPL per quarter of the trace",
         xlabel="quarter",
@@ -113,15 +143,6 @@ def reward_rank_vs_accuracy_rank(data: ReportData, student: str, path: Path) -> 
         acc_rank = table.total_avg.rank(ascending=False)
         n = len(table)
         ax.plot([1, n], [1, n], ls="--", color="grey", lw=1, label="agreement")
-        for stream in table.index:
-            ax.scatter(reward_rank[stream], acc_rank[stream], color=colors.get(stream), s=60)
-            ax.annotate(
-                stream,
-                (reward_rank[stream], acc_rank[stream]),
-                textcoords="offset points",
-                xytext=(5, 4),
-                fontsize=8,
-            )
         ax.set(
             title=f"{student} {objective}",
             xlabel="rank by reward (1 = highest)",
@@ -129,6 +150,7 @@ def reward_rank_vs_accuracy_rank(data: ReportData, student: str, path: Path) -> 
             xlim=(0.5, n + 0.5),
             ylim=(n + 0.5, 0.5),
         )
+        _scatter_labelled(ax, reward_rank, acc_rank, colors)
         ax.legend(fontsize=8, loc="lower right")
         ax.grid(alpha=0.3)
     return _save(fig, path)

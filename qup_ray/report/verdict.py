@@ -21,6 +21,7 @@ from qup_ray.report.collect import QUARTERS, REFINED_STREAM, STYLE_PREFIX, Repor
 from qup_ray.report.correlation import bootstrap_mean
 
 MIN_STREAMS = 3
+MAX_PAIRS_SHOWN = 3
 VERDICT_COLUMNS = ("student", "objective", "claim", "holds", "evidence", "text")
 
 
@@ -133,8 +134,10 @@ def _ppl_claim(data: ReportData, corr: pd.DataFrame, student: str, objective: st
             * (table.at[a, Y_MEASURE] - table.at[b, Y_MEASURE])
             >= 0
         ]
+        shown = "; ".join(discordant[:MAX_PAIRS_SHOWN])
+        more = len(discordant) - MAX_PAIRS_SHOWN
         text += (
-            f"Not strictly monotone: {'; '.join(discordant)}."
+            f"Not strictly monotone: {shown}{f' and {more} more pair(s)' if more > 0 else ''}."
             if discordant
             else "PPL is strictly monotone against accuracy."
         )
