@@ -15,6 +15,7 @@ def test_streamed_generation_equals_llm_generate(cpu_world):
     from vllm.inputs import TokensPrompt
 
     from qup_ray.data import load_problems
+    from qup_ray.encoding import ChatFormat
     from qup_ray.engines import VLLMGenerator, shutdown_llm
     from qup_ray.models import resolve_model
     from qup_ray.stages.rollouts import build_prompts
@@ -25,7 +26,10 @@ def test_streamed_generation_equals_llm_generate(cpu_world):
     problems, _ = load_problems(DatasetSource(kind="synthetic", num_synthetic=12, seed=5))
     requests, rejected = build_prompts(cfg, student, path, problems)
     assert not rejected
-    sampling = {"n": 3, "temperature": 1.0, "top_p": 1.0, "max_tokens": 96}
+    fmt = ChatFormat.for_model(path, cfg.students[student].prompt)
+    # Stopping at the turn end (as the stage does), samples finish at different steps.
+    sampling = {"n": 3, "temperature": 1.0, "top_p": 1.0, "max_tokens": 96,
+                "stop_token_ids": list(fmt.stop_token_ids)}  # fmt: skip
     batch = {k: [r[k] for r in requests] for k in ("prompt_ids", "seed", "problem_id")}
     generator = VLLMGenerator(path, cfg.students[student].engine.model_dump(), sampling,
                               cache_dir=str(cfg.cpu_world.cache_root()), emit_every=4)  # fmt: skip
