@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from qup_ray.config import CONFIGS_DIR, load_config
@@ -83,3 +85,17 @@ def test_busy_seconds_is_the_union_of_unit_windows():
     windows = [(0, 10), (2, 8), (9, 12), (20, 21)]
     manifests = [{"timings": {"started": a, "finished": b}} for a, b in windows] + [{}]
     assert eval_stage.busy_seconds(manifests) == 12 + 1
+
+
+def test_summary_tables_are_typed_even_when_empty(cfg):
+    run = RunDir.for_config(cfg)
+    out = eval_stage.write_summaries(cfg, run, {"synthetic_test": []}, {})
+    summary = pq.read_table(out / "summary.parquet")
+    assert summary.num_rows == 0
+    assert summary.schema.field("avg_at_k").type == pa.float64()
+    assert summary.schema.names[-3:] == ["unverifiable_rate", "mean_tokens", "num_rejected"]
+    assert "pass_at_4" in summary.schema.names and "pass_at_8" not in summary.schema.names
+    assert pq.read_table(out / "totals.parquet").schema.names == [
+        "student", "stream", "objective", "total_avg", "num_benchmarks"
+    ]  # fmt: skip
+    assert json.loads((out / "_manifest.json").read_text())["row_counts"]["summary"] == 0

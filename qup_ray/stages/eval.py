@@ -401,6 +401,33 @@ def busy_seconds(manifests: Iterable[dict]) -> float:
 # --------------------------------------------------------------------------------------------
 
 
+TOTALS_SCHEMA = pa.schema(
+    [("student", pa.string()), ("stream", pa.string()), ("objective", pa.string()),
+     ("total_avg", pa.float64()), ("num_benchmarks", pa.int64())]
+)  # fmt: skip
+
+
+def summary_schema(cfg: ExperimentConfig) -> pa.Schema:
+    """Columns of eval/summary.parquet: the cell and benchmark, then `metrics.summarize`'s
+    (pass@k up to the samples taken) and the problems rejected before generation."""
+    ks = metrics.reported_pass_ks(cfg.evaluation.num_samples)
+    rates = [
+        "avg_at_k",
+        "avg_at_k_std",
+        *[f"pass_at_{k}" for k in ks],
+        "maj_at_k",
+        "truncation_rate",
+        "unverifiable_rate",
+        "mean_tokens",
+    ]
+    return pa.schema(
+        [(c, pa.string()) for c in ("student", "stream", "objective", "benchmark")]
+        + [("num_problems", pa.int64()), ("num_samples", pa.int64())]
+        + [(c, pa.float64()) for c in rates]
+        + [("num_rejected", pa.int64())]
+    )
+
+
 def summary_rows(
     cfg: ExperimentConfig, run: RunDir, benchmarks: dict[str, list[dict]]
 ) -> list[dict[str, Any]]:
@@ -456,36 +483,8 @@ def write_summaries(
     out = run.root / "eval"
     summary = summary_rows(cfg, run, benchmarks)
     totals = totals_rows(cfg, summary)
-    ks = metrics.reported_pass_ks(cfg.evaluation.num_samples)
-    columns = [
-        "student",
-        "stream",
-        "objective",
-        "benchmark",
-        "num_problems",
-        "num_samples",
-        "avg_at_k",
-        "avg_at_k_std",
-        *[f"pass_at_{k}" for k in ks],
-        "maj_at_k",
-        "truncation_rate",
-        "unverifiable_rate",
-        "mean_tokens",
-        "num_rejected",
-    ]
-    write_parquet(
-        out / "summary.parquet",
-        pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in summary])
-        if summary
-        else pa.table({c: pa.array([], pa.string()) for c in columns}),
-    )
-    total_columns = ["student", "stream", "objective", "total_avg", "num_benchmarks"]
-    write_parquet(
-        out / "totals.parquet",
-        pa.Table.from_pylist(totals)
-        if totals
-        else pa.table({c: pa.array([], pa.string()) for c in total_columns}),
-    )
+    write_parquet(out / "summary.parquet", pa.Table.from_pylist(summary, summary_schema(cfg)))
+    write_parquet(out / "totals.parquet", pa.Table.from_pylist(totals, TOTALS_SCHEMA))
     config_hash = cfg.section_hash("evaluation", "grading")
     blocked = sorted(c for c, s in states.items() if s == "blocked")
     write_json(
