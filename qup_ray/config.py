@@ -411,7 +411,7 @@ class EvaluationConfig(StrictModel):
     """Stage `eval`: Avg@k, pass@k and maj@k of every trained model and every base student on
     every benchmark (`qup_ray.metrics`), k samples per problem with the student's prompt."""
 
-    THROUGHPUT: ClassVar[frozenset[str]] = frozenset({"shard_size"})
+    THROUGHPUT: ClassVar[frozenset[str]] = frozenset({"shard_size", "max_parallel_models"})
 
     benchmarks: dict[str, BenchmarkConfig]
     """Benchmarks by name (MATH500, AIME24, AMC23, Minerva Math, OlympiadBench in the paper);
@@ -436,6 +436,9 @@ class EvaluationConfig(StrictModel):
     """Also evaluate every base (untrained) student: the reference cell `<student>/base/base`."""
     shard_size: int = Field(256, gt=0)
     """Problems per resumable shard of one (model, benchmark) unit."""
+    max_parallel_models: int | None = Field(None, ge=1)
+    """Models evaluated side by side in one job, each on its own engine actors. Unset: as many
+    as the cluster's GPUs hold; always one on CPU."""
 
 
 class GradingConfig(StrictModel):

@@ -99,3 +99,19 @@ def test_summary_tables_are_typed_even_when_empty(cfg):
         "student", "stream", "objective", "total_avg", "num_benchmarks"
     ]  # fmt: skip
     assert json.loads((out / "_manifest.json").read_text())["row_counts"]["summary"] == 0
+
+
+def test_models_side_by_side_fit_the_gpus(cfg):
+    assert eval_stage.models_side_by_side(cfg, cluster_gpus=0) == 1  # CPU engines: one at a time
+    engine = {"num_actors": 2, "num_gpus_per_actor": 1}  # each model takes 2 GPUs
+    gpu = load_config(
+        CONFIGS_DIR / "dryrun.yaml",
+        [f"students.{s}.engine.{k}={v}" for s in cfg.students for k, v in engine.items()],
+    )
+    assert eval_stage.models_side_by_side(gpu, cluster_gpus=8) == 4
+    assert eval_stage.models_side_by_side(gpu, cluster_gpus=3) == 1
+    capped = load_config(CONFIGS_DIR / "dryrun.yaml", [
+        *[f"students.{s}.engine.{k}={v}" for s in cfg.students for k, v in engine.items()],
+        "evaluation.max_parallel_models=2",
+    ])  # fmt: skip
+    assert eval_stage.models_side_by_side(capped, cluster_gpus=64) == 2

@@ -28,6 +28,7 @@ import math
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -523,5 +524,31 @@ def run(cfg: ExperimentConfig, *, force: bool = False, cells: list[str] | None =
     chosen = [c for c in known if cells is None or c in cells]
     benchmarks = load_benchmarks(cfg, run_dir)
     init_ray(cfg.ray)
-    states = {cell: run_cell(cfg, run_dir, cell, benchmarks, force) for cell in chosen}
+    import ray
+
+    width = models_side_by_side(cfg, ray.cluster_resources().get("GPU", 0.0))
+    logger.info("eval: %d model(s), %d at a time", len(chosen), width)
+
+    def one(cell: str) -> str:
+        return run_cell(cfg, run_dir, cell, benchmarks, force)
+
+    if width == 1:
+        states = {cell: one(cell) for cell in chosen}
+    else:  # each model's Ray Data pipeline runs from its own driver thread
+        with ThreadPoolExecutor(width, thread_name_prefix="eval") as pool:
+            states = dict(zip(chosen, pool.map(one, chosen), strict=True))
     return write_summaries(cfg, run_dir, benchmarks, states)
+
+
+def models_side_by_side(cfg: ExperimentConfig, cluster_gpus: float) -> int:
+    """How many models are evaluated at once: `evaluation.max_parallel_models`, at most as many
+    as the cluster's GPUs hold (each model takes `num_actors x num_gpus_per_actor` of its
+    student's engine); one on CPU, where engines would only compete for the same cores."""
+    per_model = max(
+        s.engine.num_actors * s.engine.num_gpus_per_actor for s in cfg.students.values()
+    )
+    if per_model <= 0:
+        return 1
+    fit = max(1, int(cluster_gpus // per_model))
+    wanted = cfg.evaluation.max_parallel_models
+    return min(fit, wanted) if wanted else fit
