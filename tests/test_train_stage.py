@@ -234,8 +234,12 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, unbroken, how):
         os.kill(proc.pid, signal.SIGTERM)  # the driver only, as SLURM/submitit signal it
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 2, err
-        assert "Traceback" not in err
-        assert "checkpoints saved, rerun the same command to resume" in err
+        # Ray's actors log under a "(Name pid=N)" prefix (their own tracebacks included, e.g. a
+        # controller timeout under load); the command itself ends with one message, no traceback
+        own = [line for line in err.splitlines() if "pid=" not in line and line.strip()]
+        assert not any("Traceback" in line for line in own), err
+        assert own[-1].startswith("error: training stopped by SIGTERM")
+        assert own[-1].endswith("checkpoints saved, rerun the same command to resume")
     assert not (cell / "_manifest.json").exists()
     stopped_at = read_json(cell / "checkpoints" / "qup_state.json")["step"]
     assert 2 <= stopped_at < 18
@@ -252,7 +256,12 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, unbroken, how):
     for name in want:
         assert torch.equal(got[name], want[name]), name
     summary = read_json(cell / "_manifest.json")["training"]
-    assert summary["resumed_from_step"] == stopped_at
+    # SIGKILL: the killed run's workers outlive their driver for a moment (Ray reaps them) and
+    # may checkpoint a few more steps; the rerun waits for them (cell lock) and resumes from the
+    # latest checkpoint.
+    assert stopped_at <= summary["resumed_from_step"] < 18
+    if how == "SIGTERM":
+        assert summary["resumed_from_step"] == stopped_at
     metrics = read_parquet(cell / "metrics.parquet").to_pylist()
     assert [r["step"] for r in metrics] == list(range(1, 19))
     assert [r["ce"] for r in metrics] == pytest.approx([r["ce"] for r in want_metrics], rel=1e-6)

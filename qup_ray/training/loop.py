@@ -20,6 +20,7 @@ with the same plan, ending with the same weights as an unbroken run.
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import json
 import logging
@@ -182,6 +183,11 @@ def train_cell(spec: CellSpec, config: dict, rank: int, world_size: int) -> str:
     )
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
 
+    # One trainer per cell at a time: the workers of a killed run outlive their driver for a
+    # few seconds (Ray reaps them), and a rerun must not write checkpoints beside them.
+    lock = _lock_cell(spec) if rank == 0 else None
+    if dist.is_initialized():
+        dist.barrier()
     start_step, rows_so_far = _resume(engine, spec)
     writer = _tensorboard(spec, training) if rank == 0 else None
     bar = _progress(spec, total_steps, start_step) if rank == 0 else None
@@ -228,7 +234,7 @@ def train_cell(spec: CellSpec, config: dict, rank: int, world_size: int) -> str:
             "token_acc": hits / max(tokens, 1), "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "tokens_per_s": real_tokens / seconds, "padding_frac": pad / max(pad + real_tokens, 1),
-            "label_tokens": int(tokens), "seconds": seconds,
+            "label_tokens": int(tokens), "seconds": seconds, "finished_at": time.time(),
         }  # fmt: skip
         ray.train.report({"cell": spec.cell_id, **row})
         if rank == 0:
@@ -249,6 +255,8 @@ def train_cell(spec: CellSpec, config: dict, rank: int, world_size: int) -> str:
     if stopped:
         _save_checkpoint(engine, spec, step, metrics_rows, rank)
         logger.warning("%s: stop requested, checkpoint saved at step %d", spec.cell_id, step)
+        if lock is not None:
+            lock.close()
         return "stopped"
     _export(engine, spec, tokenizer, zero_stage, rank)
     if rank == 0:
@@ -269,6 +277,8 @@ def train_cell(spec: CellSpec, config: dict, rank: int, world_size: int) -> str:
         )  # fmt: skip
     if dist.is_initialized():
         dist.barrier()
+    if lock is not None:
+        lock.close()
     if hasattr(engine, "destroy"):
         engine.destroy()  # frees optimizer state and hooks before the next cell
     del engine, model
@@ -277,6 +287,16 @@ def train_cell(spec: CellSpec, config: dict, rank: int, world_size: int) -> str:
 
 
 # ---- checkpoints ------------------------------------------------------------------------------
+
+
+def _lock_cell(spec: CellSpec) -> Any:
+    """An exclusive lock on the cell's checkpoint folder, released when the handle closes or
+    its process dies."""
+    root = Path(spec.checkpoint_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    handle = (root / ".lock").open("a")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
 
 
 def _resume(engine: Any, spec: CellSpec) -> tuple[int, list[dict]]:
