@@ -226,8 +226,8 @@ def test_grid_of_train_and_eval_cells(slurm_cluster, cpu_world, tmp_path: Path):
     stages = ["problems", "rollouts", "streams", "train", "eval"]
     result = launch(cfg, cluster_config(timeout_min=60), stages=stages, cells=cells)
     ids = result.job_ids
-    assert list(ids) == ["problems", "rollouts", "streams", *(f"{k}/{c}" for c in cells
-                                                             for k in ("train", "eval"))]  # fmt: skip
+    assert list(ids) == ["problems", "rollouts", "streams", *(f"train/{c}" for c in cells),
+                         *(f"eval/{c}" for c in cells)]  # fmt: skip
     train_array = ids[f"train/{cells[0]}"].split("_")[0]
     assert [ids[f"train/{c}"] for c in cells] == [f"{train_array}_0", f"{train_array}_1"]
     assert f"afterok:{ids['streams']}" in scontrol_job(ids[f"train/{cells[0]}"])
