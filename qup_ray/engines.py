@@ -10,6 +10,7 @@ and a 72B model with tensor parallelism on a GPU node.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import math
@@ -162,11 +163,16 @@ class VLLMGenerator:
     requests are yielded in chunks of about `emit_every` prompts while the rest still decode, so
     the stages after it (grading) overlap generation instead of waiting for the batch's slowest
     request. Chunks come out in completion order; a consumer that needs an order sorts.
+
+    Many models, one actor: with `model_path=None` the rows name their model in a `model_path`
+    column (passed through), and the actor loads each model when its rows arrive, stopping the
+    previous engine first. Evaluation runs a student's many fine-tuned exports this way, paying
+    one actor start-up and one import of vLLM instead of one per model.
     """
 
     def __init__(
         self,
-        model_path: str,
+        model_path: str | None,
         engine: dict,
         sampling: dict,
         cache_dir: str | None = None,
@@ -174,7 +180,12 @@ class VLLMGenerator:
         emit_every: int = 16,
         record_token_ids: bool = False,
     ) -> None:
-        self.llm = start_llm(model_path, engine, cache_dir=cache_dir)
+        self.engine = engine
+        self.cache_dir = cache_dir
+        self.llm: Any = None
+        self.model_path: str | None = None
+        if model_path is not None:
+            self._load(model_path)
         self.record_token_ids = record_token_ids
         self.sampling = dict(sampling)
         self.emit_every = emit_every
@@ -183,7 +194,27 @@ class VLLMGenerator:
         self.samples = _ray_counter("qup_samples_generated", "Samples generated", tuple(self.tags))
         self.tokens = _ray_counter("qup_tokens_generated", "Tokens generated", tuple(self.tags))
 
+    def _load(self, model_path: str) -> None:
+        if model_path == self.model_path:
+            return
+        if self.llm is not None:
+            shutdown_llm(self.llm)
+            self.llm = None
+            gc.collect()  # the old engine's weights and KV cache go before the next one's come
+        self.llm = start_llm(model_path, self.engine, cache_dir=self.cache_dir)
+        self.model_path = model_path
+
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, list]]:
+        if "model_path" not in batch:
+            yield from self._generate(batch)
+            return
+        paths = [str(p) for p in batch["model_path"]]
+        for path in dict.fromkeys(paths):  # each model once, in the order its rows come
+            index = [i for i, p in enumerate(paths) if p == path]
+            self._load(path)
+            yield from self._generate({k: [v[i] for i in index] for k, v in batch.items()})
+
+    def _generate(self, batch: dict[str, Any]) -> Iterator[dict[str, list]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -234,14 +265,15 @@ class VLLMGenerator:
 
 
 def generate_and_grade(
-    rows: list[dict], model_path: str, engine: EngineConfig, *, sampling: dict[str, Any],
+    rows: list[dict], model_path: str | None, engine: EngineConfig, *, sampling: dict[str, Any],
     grading: Any, batch_size: int, cache_dir: str | None, tags: dict[str, str],
     generator: type | None = None,
 ) -> Any:  # fmt: skip
     """The Ray Data pipeline shared by rollouts and evaluation: vLLM actors generate (one model
     copy per actor), a grader actor checks every sample as chunks of finished requests arrive.
     `rows` carry `prompt_ids`, `seed`, `answer`, optionally `max_tokens`, and any columns to pass
-    through; `grading` is the config's GradingConfig. Returns the (lazy) dataset."""
+    through (with `model_path=None`, a `model_path` column names each row's model: see
+    `VLLMGenerator`); `grading` is the config's GradingConfig. Returns the (lazy) dataset."""
     import ray
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True

@@ -41,7 +41,7 @@ def test_missing_export_is_blocked_and_shown_by_status(cfg):
     run = RunDir.for_config(cfg)
     path, train_dir = eval_stage.model_source(cfg, run, "tiny-qwen/slm_rft/sft")
     assert path is None and train_dir == run.root / "train" / "tiny-qwen" / "slm_rft" / "sft"
-    state = eval_stage.run_cell(cfg, run, "tiny-qwen/slm_rft/sft", {}, force=False)
+    state = eval_stage.prepare_cell(cfg, run, "tiny-qwen/slm_rft/sft", {}, force=False)
     assert state == "blocked"
     blocked = json.loads((run.root / "eval/tiny-qwen/slm_rft/sft" / BLOCKED).read_text())
     assert "no exported model" in blocked["reason"]

@@ -199,23 +199,39 @@ def engine_batch_size(batch_size: int, shard_size: int) -> int:
     return max(d for d in range(1, min(batch_size, shard_size) + 1) if shard_size % d == 0)
 
 
-def generate(
-    cfg: ExperimentConfig, cell: str, model_path: str, fmt: ChatFormat, units: list[Unit]
-) -> None:
-    """One generate -> grade pass over every unfinished shard of the model's units; each shard
-    is written as soon as all its samples are graded."""
-    e, student = cfg.evaluation, cell.split("/")[0]
+@dataclass
+class CellWork:
+    """One model's unfinished units, ready for generation."""
+
+    cell: str
+    model_path: str
+    train_dir: Path | None
+    units: list[Unit]
+    """Every unit of the model (its manifest lists them all)."""
+    pending: list[Unit] = field(default_factory=list)
+    """The units still to evaluate."""
+
+
+def generate(cfg: ExperimentConfig, student: str, works: list[CellWork]) -> None:
+    """One generate -> grade pass over every unfinished shard of these models (all of one
+    student, so one prompt format and one set of stop tokens). The engine actors load the models
+    one after another in the same process (`model_path` column), so many models pay one actor
+    start-up and one import of vLLM; each shard is written as soon as all its samples are
+    graded."""
+    e = cfg.evaluation
     pending = [
-        dict(q, unit=u, shard=i // e.shard_size)
-        for u, unit in enumerate(units)
+        dict(q, work=w, unit=u, shard=i // e.shard_size, model_path=work.model_path)
+        for w, work in enumerate(works)
+        for u, unit in enumerate(work.pending)
         for i, q in enumerate(unit.requests)
         if i // e.shard_size not in unit.done_shards
     ]
     if not pending:
         return
-    expected = Counter((q["unit"], q["shard"]) for q in pending)
-    position = {(q["unit"], q["problem_id"]): i for i, q in enumerate(pending)}
+    expected = Counter((q["work"], q["unit"], q["shard"]) for q in pending)
+    position = {(q["work"], q["unit"], q["problem_id"]): i for i, q in enumerate(pending)}
     engine = cfg.students[student].engine
+    fmt = ChatFormat.for_model(works[0].model_path, cfg.students[student].prompt)
     sampling = {
         "n": e.num_samples,
         "temperature": e.temperature,
@@ -225,7 +241,7 @@ def generate(
     }
     ds = generate_and_grade(
         pending,
-        model_path,
+        None,
         engine,
         sampling=sampling,
         grading=cfg.grading,
@@ -233,24 +249,24 @@ def generate(
         cache_dir=str(cfg.cpu_world.cache_root()),
         tags={"student": student, "stage": "eval"},
     )
-    buffers: dict[tuple[int, int], list[dict]] = defaultdict(list)
+    buffers: dict[tuple[int, int, int], list[dict]] = defaultdict(list)
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for row in batch.to_pylist():
-            key = (row["unit"], row["shard"])
+            key = (row["work"], row["unit"], row["shard"])
             buffers[key].append(row)
             if len(buffers[key]) == expected[key] * e.num_samples:
                 rows = sorted(
                     buffers.pop(key),
-                    key=lambda r: (position[(r["unit"], r["problem_id"])], r["sample_idx"]),
+                    key=lambda r: (position[(key[0], key[1], r["problem_id"])], r["sample_idx"]),
                 )
-                unit = units[key[0]]
+                unit = works[key[0]].pending[key[1]]
                 table = pa.Table.from_pylist(
                     [{k: r.get(k) for k in SAMPLE_SCHEMA.names} for r in rows], SAMPLE_SCHEMA
                 )
-                unit.stage.write_shard(key[1], table)
-                logger.info("%s: shard %d written", unit.stage.dir, key[1])
+                unit.stage.write_shard(key[2], table)
+                logger.info("%s: shard %d written", unit.stage.dir, key[2])
     if buffers:
-        raise RuntimeError(f"{cell}: incomplete shards after generation: {sorted(buffers)}")
+        raise RuntimeError(f"{student}: incomplete shards after generation: {sorted(buffers)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,10 +274,11 @@ def generate(
 # --------------------------------------------------------------------------------------------
 
 
-def run_cell(
+def prepare_cell(
     cfg: ExperimentConfig, run: RunDir, cell: str, benchmarks: dict[str, list[dict]], force: bool
-) -> str:
-    """Evaluate one model on every benchmark: "done", or "blocked" when its export is missing."""
+) -> CellWork | str:
+    """A model's unfinished units with their requests; "done" when every unit finished earlier
+    (its manifest is rewritten), "blocked" when its export is missing."""
     cell_dir = run.root / "eval" / cell
     model_path, train_dir = model_source(cfg, run, cell)
     if model_path is None:
@@ -281,40 +298,42 @@ def run_cell(
         )
         for name, problems in benchmarks.items()
     ]
-    todo = [u for u in units if not u.stage.is_done()]
-    if todo:
-        with contextlib.suppress(FileNotFoundError):
-            (cell_dir / MANIFEST).unlink()  # the cell is not finished until its units are
-        evaluate_units(cfg, cell, model_path, todo, benchmarks)
-    write_cell_manifest(cfg, cell_dir, cell, units, train_dir)
-    return "done"
+    work = CellWork(cell, model_path, train_dir, units, [u for u in units if not u.stage.is_done()])
+    if not work.pending:
+        write_cell_manifest(cfg, cell_dir, cell, units, train_dir)
+        return "done"
+    with contextlib.suppress(FileNotFoundError):
+        (cell_dir / MANIFEST).unlink()  # the cell is not finished until its units are
+    return work
 
 
-def evaluate_units(
-    cfg: ExperimentConfig,
-    cell: str,
-    model_path: str,
-    units: list[Unit],
-    benchmarks: dict[str, list[dict]],
+def evaluate_cells(
+    cfg: ExperimentConfig, run: RunDir, works: list[CellWork], benchmarks: dict[str, list[dict]]
 ) -> None:
-    """Generate the units' missing shards with one engine pass, then finish each unit."""
-    student = cell.split("/")[0]
+    """Generate the missing shards of these models (one student's) in one engine pass, then
+    finish each unit and each cell."""
+    student = works[0].cell.split("/")[0]
     model = cfg.students[student]
-    fmt = ChatFormat.for_model(model_path, model.prompt)
-    limit = engine_max_len(model.engine, model_path)
     with contextlib.ExitStack() as stack:
-        for unit in units:
-            stack.enter_context(unit.stage.running())
-            problems = benchmarks[unit.benchmark]
-            unit.requests, unit.rejected = build_requests(cfg, fmt, limit, unit.benchmark, problems)
-            num_shards = math.ceil(len(unit.requests) / cfg.evaluation.shard_size)
-            unit.done_shards = unit.stage.plan_shards(num_shards)
-        with contextlib.ExitStack() as timers:
-            for unit in units:
-                timers.enter_context(unit.stage.timed("generate_and_grade"))
-            generate(cfg, cell, model_path, fmt, units)
-        for unit in units:
-            finish_unit(cfg, cell, unit, model_path)
+        for work in works:
+            fmt = ChatFormat.for_model(work.model_path, model.prompt)
+            limit = engine_max_len(model.engine, work.model_path)
+            for unit in work.pending:
+                stack.enter_context(unit.stage.running())
+                problems = benchmarks[unit.benchmark]
+                unit.requests, unit.rejected = build_requests(
+                    cfg, fmt, limit, unit.benchmark, problems
+                )
+                num_shards = math.ceil(len(unit.requests) / cfg.evaluation.shard_size)
+                unit.done_shards = unit.stage.plan_shards(num_shards)
+                stack.enter_context(unit.stage.timed("generate_and_grade"))
+        generate(cfg, student, works)
+    for work in works:
+        for unit in work.pending:
+            finish_unit(cfg, work.cell, unit, work.model_path)
+        write_cell_manifest(
+            cfg, run.root / "eval" / work.cell, work.cell, work.units, work.train_dir
+        )
 
 
 def finish_unit(cfg: ExperimentConfig, cell: str, unit: Unit, model_path: str) -> None:
@@ -529,14 +548,24 @@ def run(cfg: ExperimentConfig, *, force: bool = False, cells: list[str] | None =
     width = models_side_by_side(cfg, ray.cluster_resources().get("GPU", 0.0))
     logger.info("eval: %d model(s), %d at a time", len(chosen), width)
 
-    def one(cell: str) -> str:
-        return run_cell(cfg, run_dir, cell, benchmarks, force)
-
-    if width == 1:
-        states = {cell: one(cell) for cell in chosen}
-    else:  # each model's Ray Data pipeline runs from its own driver thread
+    states: dict[str, str] = {}
+    works: list[CellWork] = []
+    for cell in chosen:
+        prepared = prepare_cell(cfg, run_dir, cell, benchmarks, force)
+        if isinstance(prepared, str):
+            states[cell] = prepared
+        else:
+            works.append(prepared)
+            states[cell] = "done"
+    by_student: dict[str, list[CellWork]] = defaultdict(list)
+    for work in works:
+        by_student[work.cell.split("/")[0]].append(work)
+    if width == 1:  # one engine actor pool per student, loading its models one after another
+        for student_works in by_student.values():
+            evaluate_cells(cfg, run_dir, student_works, benchmarks)
+    else:  # each model's Ray Data pipeline runs from its own driver thread, side by side
         with ThreadPoolExecutor(width, thread_name_prefix="eval") as pool:
-            states = dict(zip(chosen, pool.map(one, chosen), strict=True))
+            list(pool.map(lambda w: evaluate_cells(cfg, run_dir, [w], benchmarks), works))
     return write_summaries(cfg, run_dir, benchmarks, states)
 
 
