@@ -105,24 +105,36 @@ def run_cmd(
 
 @app.command()
 def dryrun(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="Parent folder of the run directory.")] = Path("runs"),
-    force: Annotated[bool, typer.Option(help="Redo every stage.")] = False,
+    cluster: Annotated[Path, typer.Option(help="Cluster YAML with a local executor.")] = CONFIGS_DIR
+    / "clusters"
+    / "local.yaml",
+    force: Annotated[
+        bool, typer.Option(help="Delete the dry run's folder and redo it all.")
+    ] = False,
     overrides: Overrides = None,
 ) -> None:
-    """Every stage on this machine: CPU, tiny models, synthetic problems (configs/dryrun.yaml)."""
-    from qup_ray.rundir import RunDir
-    from qup_ray.stages import STAGE_ORDER, is_built, run_stage
+    """The whole paper on this machine (CPU, tiny models, synthetic problems): every job of the
+    grid of configs/dryrun.yaml through the local executor, one line per job; logs in files."""
+    import shutil
+
+    from qup_ray.config import load_cluster_config
+    from qup_ray.dryrun import run_dryrun
 
     cfg = load_config(CONFIGS_DIR / "dryrun.yaml", [f"output_dir={out}", *(overrides or [])])
-    run_dir = RunDir.for_config(cfg)
-    run_dir.save_config(cfg)
-    built = [s for s in STAGE_ORDER if is_built(s)]
-    missing = [s for s in STAGE_ORDER if not is_built(s)]
-    for stage in built:
-        run_stage(stage, cfg, force=force)
-    typer.echo(f"dry run in {run_dir.root}: ran {', '.join(built) or 'no stage'}")
-    if missing:
-        typer.echo(f"not built yet in this version: {', '.join(missing)}")
+    cluster_cfg = load_cluster_config(cluster)
+    if cluster_cfg.executor == "slurm":
+        raise ConfigError([f"executor: a dry run runs on this machine (got 'slurm' in {cluster})"])
+    if force and cfg.run_dir.exists():
+        shutil.rmtree(cfg.run_dir)
+    verbose = bool(ctx.parent and ctx.parent.params.get("verbose"))
+    if not verbose:
+        # The terminal shows the jobs' progress lines; the library's INFO logs stay in the logs.
+        logging.getLogger().setLevel(logging.WARNING)
+    code = run_dryrun(cfg, cluster_cfg, typer.echo, verbose=verbose)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

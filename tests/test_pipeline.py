@@ -54,18 +54,55 @@ def dryrun_dir(dryrun_result: tuple[Path, str]) -> Path:
     return dryrun_result[0]
 
 
-def test_dryrun_runs_every_built_stage_and_names_the_rest(dryrun_result: tuple[Path, str]):
+def test_dryrun_terminal_is_one_line_per_job_and_ends_with_the_report(
+    dryrun_result: tuple[Path, str],
+):
     run_dir, stdout = dryrun_result
-    built = [s for s in STAGE_ORDER if is_built(s)]
-    missing = [s for s in STAGE_ORDER if not is_built(s)]
-    assert f"ran {', '.join(built)}" in stdout
-    if missing:
-        assert f"not built yet in this version: {', '.join(missing)}" in stdout
+    lines = stdout.splitlines()
+    assert len(lines) < 80, stdout  # a screen or two: engine and Ray logs are in files
+    assert "Traceback" not in stdout and "INFO" not in stdout
+    for stage in STAGE_ORDER:
+        assert is_built(stage), stage
+        assert any(line.strip().startswith(f"{stage} ") and " done in " in line for line in lines)
+    assert f"report: {run_dir / 'report' / 'report.html'}" in stdout
+    assert sum("verdict:" in line for line in lines) >= 1
+    timings = json.loads((run_dir / "dryrun.json").read_text())
+    assert timings["ok"] and set(timings["jobs"]) == set(STAGE_ORDER)
+    assert all(j["state"] == "COMPLETED" and j["seconds"] > 0 for j in timings["jobs"].values())
     assert (run_dir / "config.yaml").is_file()
     # The resolved config is saved and loads back to the same experiment.
     saved = load_config(run_dir / "config.yaml")
     assert saved.stream_names() == load_config(CONFIGS_DIR / "dryrun.yaml").stream_names()
     assert saved.problems.num_problems == 32
+
+
+def test_second_dryrun_runs_nothing(dryrun_result: tuple[Path, str]):
+    run_dir, _ = dryrun_result
+    before = {p: p.stat().st_mtime for p in run_dir.rglob(MANIFEST)}
+    again = qup("dryrun", "--out", str(run_dir.parent), *OVERRIDES, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr[-3000:]
+    assert "0 to run" in again.stdout
+    assert {p: p.stat().st_mtime for p in run_dir.rglob(MANIFEST)} == before
+
+
+def test_report_of_the_dry_run_has_every_table_and_plot(dryrun_dir: Path):
+    report = dryrun_dir / "report"
+    for name in ("report.md", "report.html", "correlations.csv", "verdict.csv"):
+        assert (report / name).is_file(), name
+    assert len(list(report.glob("*.png"))) >= 5
+    html = (report / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 5  # plots embedded: opens with no network
+
+
+def test_a_broken_stage_names_the_log_holding_its_cause(tmp_path: Path, cpu_world):
+    missing = tmp_path / "no-such-problems.parquet"
+    result = qup("dryrun", "--out", str(tmp_path), *OVERRIDES,
+                 f"problems.source={{kind: local, path: {missing}}}", timeout=600)  # fmt: skip
+    assert result.returncode == 1
+    line = next(x for x in result.stdout.splitlines() if "problems" in x and "FAILED" in x)
+    log = Path(line.split("see ", 1)[1].strip())
+    assert log.is_file() and str(missing) in log.read_text()
+    assert "Traceback" not in result.stdout
 
 
 @pytest.fixture(scope="session")
@@ -324,5 +361,6 @@ def test_status_after_the_dry_run(dryrun_dir: Path):
     for line in result.stdout.splitlines()[1:-1]:
         path, state = line.split()[:2]
         states[path.split("/")[0]].add(state)
-    for stage in ("problems", "rollouts", "problem_set", "streams", "scores"):
+    for stage in ("problems", "rollouts", "problem_set", "streams", "scores", "train", "eval",
+                  "report"):  # fmt: skip
         assert states[stage] == {"done"}, (stage, states[stage])

@@ -1,0 +1,168 @@
+"""`qup dryrun`: the whole paper on this machine, through the grid launcher's own code path.
+
+The dry run is `qup grid` with `configs/clusters/local.yaml`: the same jobs and dependencies as
+on SLURM, run one after the other by submitit's local executor, each job in its own process with
+its own Ray cluster. Everything a job prints (vLLM, Ray, DeepSpeed, training) goes to that job's
+log files under `<run>/<log_dir>/<job id>/`; the terminal gets one line when a job starts and one
+when it ends, with the counts that matter, and on a failure the path of the log that explains it.
+A second dry run finds every job finished and returns in seconds.
+
+This module is launcher code: it reads manifests to summarise, it never runs a stage itself.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from qup_ray.config import ClusterConfig, ExperimentConfig
+from qup_ray.rundir import MANIFEST, read_json, write_json
+
+Echo = Callable[[str], None]
+
+
+def _manifests(root: Path, outputs: list[str]) -> dict[str, dict]:
+    return {o: read_json(root / o / MANIFEST) for o in outputs if (root / o / MANIFEST).is_file()}
+
+
+def _rows(manifests: dict[str, dict], key: str) -> int:
+    return sum(int(m.get("row_counts", {}).get(key, 0) or 0) for m in manifests.values())
+
+
+def job_summary(root: Path, stage: str, outputs: list[str]) -> str:
+    """The counts a person wants after a job: problems solved, rows rejected, cells trained."""
+    ms = _manifests(root, outputs)
+    if stage == "problems":
+        return f"{_rows(ms, 'problems')} problems, {_rows(ms, 'rejected')} rejected"
+    if stage == "rollouts":
+        counts = ms.get("problem_set", {}).get("counts", {})
+        correct = sum(m.get("num_correct", 0) for m in ms.values())
+        return (
+            f"{_rows(ms, 'rollouts')} samples, {correct} correct; problem set: "
+            f"{counts.get('solved_by_anchor', '?')} of {counts.get('problems', '?')} problems"
+        )
+    if stage == "streams":
+        finals = [m for o, m in ms.items() if o.endswith("/final")]
+        kept = sum(sum(m.get("row_counts", {}).values()) for m in finals)
+        return f"{len(ms)} stream folders, {kept} traces in the streams cut to common ids"
+    if stage == "score":
+        return f"{_rows(ms, 'ppl')} traces scored, {_rows(ms, 'rejected')} rejected (over context)"
+    if stage in ("train", "eval"):
+        return f"{len(ms)} of {len(outputs)} cells done"
+    return f"{len(ms)} of {len(outputs)} outputs done"
+
+
+def job_log(root: Path, cluster: ClusterConfig, job_id: str) -> Path | None:
+    """The error log submitit wrote for a job (its stderr: where a traceback lands)."""
+    folder = root / cluster.log_dir / job_id
+    logs = sorted(folder.glob("*_log.err")) if folder.is_dir() else []
+    return logs[-1] if logs else None
+
+
+def verdict_lines(root: Path) -> list[str]:
+    """The report's computed verdict, one line per claim (report/verdict.csv)."""
+    path = root / "report" / "verdict.csv"
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return [row.get("text", "") for row in csv.DictReader(f) if row.get("text")]
+
+
+class _Ticker:
+    """On a terminal, one line that shows the running job's elapsed time (a heartbeat for jobs
+    that take minutes); nothing when the output is a file or a pipe."""
+
+    def __init__(self, stream=sys.stdout) -> None:
+        self.stream = stream
+        self.enabled = stream.isatty()
+        self.label = ""
+        self.started = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, label: str) -> None:
+        self.label, self.started = label, time.time()
+        if self.enabled and self._thread is None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+
+    def clear(self) -> None:
+        if self.enabled:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.clear()
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            if self.label:
+                elapsed = int(time.time() - self.started)
+                self.stream.write(f"\r\033[K  ... {self.label} {elapsed // 60}m{elapsed % 60:02d}s")
+                self.stream.flush()
+
+
+def run_dryrun(
+    cfg: ExperimentConfig, cluster: ClusterConfig, echo: Echo, *, verbose: bool = False
+) -> int:
+    """Launch the grid of `cfg` on `cluster` (a local executor), print one line per job, and
+    return the exit code (0 when every job succeeded). Writes `<run>/dryrun.json` with the wall
+    time of every job."""
+    from qup_ray.grid import launch
+
+    t0 = time.time()
+    root = cfg.run_dir
+    timings: dict[str, dict] = {}
+    ticker = _Ticker()
+    jobs_by_name: dict[str, tuple[str, list[str]]] = {}
+
+    def progress(name: str, job_id: str, state: str) -> None:
+        stage, outputs = jobs_by_name.get(name, ("", []))
+        now = time.time()
+        if state == "RUNNING":
+            timings[name] = {"job_id": job_id, "started": now}
+            ticker.start(name)
+            return
+        ticker.clear()
+        entry = timings.setdefault(name, {"job_id": job_id, "started": now})
+        entry.update(state=state, seconds=round(now - entry["started"], 1))
+        if state == "COMPLETED":
+            echo(
+                f"  {name:<10} done in {entry['seconds']:6.0f} s   {job_summary(root, stage, outputs)}"
+            )
+        else:
+            log = job_log(root, cluster, job_id) if job_id else None
+            echo(f"  {name:<10} {state}" + (f": see {log}" if log else ""))
+        if verbose and job_id and (log := job_log(root, cluster, job_id)):
+            echo(log.read_text()[-20000:])
+
+    echo(f"dry run: {root} (the grid on this machine, {cluster.executor} executor)")
+    # The plan first (cheap), so progress lines can name each job's outputs.
+    plan = launch(cfg, cluster, plan_only=True)
+    for job in plan.plan.jobs:
+        jobs_by_name[job.name] = (job.stage, job.outputs)
+    pending = plan.plan.pending
+    stages = dict.fromkeys(j.stage for j in pending)
+    echo(f"  {len(plan.plan.jobs)} jobs, {len(pending)} to run ({', '.join(stages) or 'none'})")
+    try:
+        result = launch(cfg, cluster, progress=progress)
+    finally:
+        ticker.stop()
+    total = round(time.time() - t0, 1)
+    write_json(root / "dryrun.json", {"total_s": total, "jobs": timings, "ok": result.ok})
+    if not result.ok:
+        failed = [n for n, s in result.states.items() if s != "COMPLETED"]
+        echo(f"dry run FAILED after {total:.0f} s: {', '.join(failed)} (logs above)")
+        return 1
+    echo(f"dry run finished in {total:.0f} s; every stage and cell: qup status {root}")
+    report = root / "report" / "report.html"
+    if report.is_file():
+        echo(f"report: {report}")
+    for line in verdict_lines(root)[:3]:
+        echo(f"  verdict: {line}")
+    return 0
