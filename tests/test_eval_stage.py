@@ -9,17 +9,15 @@ the train cell layout (`train/<student>/<stream>/<objective>/model/` + `_manifes
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from interrupt import kill_after_first_shard
 
 from qup_ray.answers import check
 from qup_ray.config import CONFIGS_DIR, load_config
@@ -175,20 +173,7 @@ def test_kill_midway_then_rerun_equals_unbroken_run(tmp_path: Path, run_dir: Pat
     )
     command = [sys.executable, "-c", code, f"output_dir={tmp_path}", *OVERRIDES]
     shards = tmp_path / "dryrun" / "eval" / "tiny-qwen" / "base" / "base" / BENCH / "_shards"
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.time() + 1200
-        while (
-            not list(shards.glob("shard-*.parquet"))
-            and time.time() < deadline
-            and proc.poll() is None
-        ):
-            time.sleep(0.2)
-        finished_before_kill = len(list(shards.glob("shard-*.parquet")))
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
+    finished_before_kill = kill_after_first_shard(command, shards)
     assert 1 <= finished_before_kill < 12, "the kill came too late to show a resume"
     assert not (shards.parent / MANIFEST).exists()
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=1800)
