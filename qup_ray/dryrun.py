@@ -154,7 +154,8 @@ def run_dryrun(
     finally:
         ticker.stop()
     total = round(time.time() - t0, 1)
-    write_json(root / "dryrun.json", {"total_s": total, "jobs": timings, "ok": result.ok})
+    if timings or not (root / "dryrun.json").is_file():  # a run that ran nothing keeps the last
+        write_json(root / "dryrun.json", {"total_s": total, "jobs": timings, "ok": result.ok})
     if not result.ok:
         failed = [n for n, s in result.states.items() if s != "COMPLETED"]
         echo(f"dry run FAILED after {total:.0f} s: {', '.join(failed)} (logs above)")

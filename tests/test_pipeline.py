@@ -7,16 +7,14 @@ client, Parquet everywhere. Checks are against independent recomputations from t
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from interrupt import kill_after_first_shard
 
 from qup_ray.config import CONFIGS_DIR, load_config
 from qup_ray.rundir import MANIFEST
@@ -328,20 +326,8 @@ def test_rollouts_resume_after_kill_equals_unbroken_run(tmp_path: Path, dryrun_d
         qup("run", "problems", "-c", str(CONFIGS_DIR / "dryrun.yaml"), *overrides).returncode == 0
     )
     shards = tmp_path / "dryrun" / "rollouts" / "tiny-qwen" / "_shards"
-    proc = subprocess.Popen([sys.executable, "-m", "qup_ray.cli", "run", "rollouts", "-c", str(CONFIGS_DIR / "dryrun.yaml"), *overrides],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.time() + 1200
-        while (
-            not list(shards.glob("shard-*.parquet"))
-            and time.time() < deadline
-            and proc.poll() is None
-        ):
-            time.sleep(0.5)
-        finished_before_kill = len(list(shards.glob("shard-*.parquet")))
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
+    command = [sys.executable, "-m", "qup_ray.cli", "run", "rollouts", "-c", str(CONFIGS_DIR / "dryrun.yaml"), *overrides]  # fmt: skip
+    finished_before_kill = kill_after_first_shard(command, shards)
     assert 1 <= finished_before_kill < 4, "the kill came too late to show a resume"
     assert not (shards.parent / MANIFEST).exists()
     rerun = qup("run", "rollouts", "-c", str(CONFIGS_DIR / "dryrun.yaml"), *overrides)

@@ -77,6 +77,12 @@ def _rank_evidence(
 
 def _too_few(out: dict, rho: pd.Series | None, name: str) -> dict:
     n = 0 if rho is None else int(rho.n_streams)
+    if n >= MIN_STREAMS:  # enough streams, but one measure is the same for all: no ranking
+        text = (
+            f"{name} vs Total Avg: over {n} streams one of the two is the same for every "
+            "stream, so there is no ranking to compare, no verdict."
+        )
+        return {**out, "holds": None, "evidence": "no spread", "text": text}
     text = (
         f"{name} vs Total Avg: only {n} stream(s) have both values (at least {MIN_STREAMS} "
         "needed), no verdict."
