@@ -21,7 +21,7 @@ from pathlib import Path
 
 from qup_ray.config import ClusterConfig, load_cluster_config
 from qup_ray.grid import ray_cluster
-from qup_ray.rundir import read_json, write_json
+from qup_ray.rundir import write_json
 
 logger = logging.getLogger("qup_ray.grid.interactive")
 
@@ -61,11 +61,7 @@ def main(argv: list[str]) -> int:
     else:
         while not (rendezvous / "head.json").is_file() and not stop["now"]:
             time.sleep(1)
-        head = read_json(rendezvous / "head.json")
-        ports = ray_cluster.RayPorts(head["base"], head["block"])
-        node_ip = ray_cluster.node_ip_for(socket.gethostname(), True)
-        node = ray_cluster.start_node(head_address=head["address"], node_ip=node_ip, ports=ports,
-                                      **settings)  # fmt: skip
+        node = ray_cluster.join_head(rendezvous, settings)
     try:
         while not stop["now"] and node.process.poll() is None:
             time.sleep(2)

@@ -26,7 +26,7 @@ from pathlib import Path
 from qup_ray.config import ClusterConfig, ExperimentConfig
 from qup_ray.grid import ray_cluster
 from qup_ray.grid.plan import Resources
-from qup_ray.rundir import read_json, write_json
+from qup_ray.rundir import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -164,11 +164,7 @@ class StageJob:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {self.name}: the Ray head never came up")
             time.sleep(1)
-        head = read_json(rendezvous / "head.json")
-        ports = ray_cluster.RayPorts(head["base"], head["block"])
-        node_ip = ray_cluster.node_ip_for(socket.gethostname(), True)
-        node = ray_cluster.start_node(head_address=head["address"], node_ip=node_ip, ports=ports,
-                                      **settings)  # fmt: skip
+        node = ray_cluster.join_head(rendezvous, settings)
         try:
             while not (rendezvous / "done").is_file() and node.process.poll() is None:
                 time.sleep(2)

@@ -208,6 +208,16 @@ def start_node(
     return RayNode(process, temp_dir, log_path)
 
 
+def join_head(rendezvous: Path, settings: dict) -> RayNode:
+    """Start this node as a Ray worker of the head described in `<rendezvous>/head.json`."""
+    from qup_ray.rundir import read_json
+
+    head = read_json(rendezvous / "head.json")
+    ports = RayPorts(head["base"], head["block"])
+    node_ip = node_ip_for(socket.gethostname(), True)
+    return start_node(head_address=head["address"], node_ip=node_ip, ports=ports, **settings)
+
+
 def wait_for_port(host: str, port: int, node: RayNode, timeout_s: float = 120.0) -> None:
     """Until `host:port` accepts connections; fails early if the node's process died."""
     deadline = time.monotonic() + timeout_s
