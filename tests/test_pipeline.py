@@ -208,6 +208,10 @@ def test_oracle_styles_differ_as_in_the_paper(dryrun_dir: Path, cfg):
     assert all(r is None or 1 <= r <= 5 for r in retention) and any(
         r is not None for r in retention
     )
+    # Oracle-Synthesized is judged too, against the student's own trace of the problem (every
+    # problem of the cut streams has one, so every row has a score).
+    synthesized = [r["retention"] for r in table(final / "oracle_synthesized.parquet")]
+    assert synthesized and all(r is not None and 1 <= r <= 5 for r in synthesized)
 
 
 def test_every_stream_has_all_score_tables(dryrun_dir: Path, cfg):
