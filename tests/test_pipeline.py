@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from browser import assert_page_and_plots_render, needs_chromium
 from interrupt import kill_after_first_shard
 
 from qup_ray.config import CONFIGS_DIR, load_config
@@ -90,6 +91,28 @@ def test_report_of_the_dry_run_has_every_table_and_plot(dryrun_dir: Path):
     assert len(list(report.glob("*.png"))) >= 5
     html = (report / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 5  # plots embedded: opens with no network
+
+
+@needs_chromium
+def test_the_dry_runs_report_renders_in_headless_chromium(dryrun_dir: Path, tmp_path: Path):
+    assert_page_and_plots_render(dryrun_dir / "report" / "report.html", tmp_path)
+
+
+def test_every_model_is_evaluated_and_summaries_add_up(dryrun_dir: Path, cfg):
+    """Every trained cell and both base students have a summary row on the synthetic benchmark,
+    and the summary counts add up to the per-sample rows."""
+    from qup_ray.rundir import eval_cells
+
+    summary = table(dryrun_dir / "eval" / "summary.parquet")
+    cells = {f"{r['student']}/{r['stream']}/{r['objective']}" for r in summary}
+    assert cells == set(eval_cells(cfg)) and len(eval_cells(cfg)) == 2 + 20
+    for r in summary:
+        cell = f"{r['student']}/{r['stream']}/{r['objective']}"
+        samples = table(dryrun_dir / "eval" / cell / f"{r['benchmark']}.parquet")
+        assert len(samples) == r["num_problems"] * r["num_samples"]
+        assert abs(sum(bool(x["correct"]) for x in samples) / len(samples) - r["avg_at_k"]) < 1e-9
+    totals = table(dryrun_dir / "eval" / "totals.parquet")
+    assert len(totals) == len(cells)
 
 
 def test_a_broken_stage_names_the_log_holding_its_cause(tmp_path: Path, cpu_world):

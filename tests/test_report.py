@@ -7,12 +7,12 @@ from __future__ import annotations
 import base64
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from browser import assert_page_and_plots_render, needs_chromium
 from PIL import Image
 from scipy import stats
 from typer.testing import CliRunner
@@ -451,46 +451,10 @@ def test_report_reruns_only_when_an_input_finishes(run_cfg) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    shutil.which("chromium") is None,
-    reason="no chromium binary (Debian: apt-get install chromium; `make install` does it as root)",
-)
+@needs_chromium
 def test_report_html_renders_in_headless_chromium(full_report, tmp_path: Path) -> None:
     _, out = full_report
-    shots = {}
-    for name, height in (("top", 2000), ("page", 16000)):
-        png = tmp_path / f"{name}.png"
-        subprocess.run(
-            [
-                "chromium",
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                f"--user-data-dir={tmp_path / 'profile'}",
-                f"--screenshot={png}",
-                f"--window-size=1200,{height}",
-                (out / "report.html").as_uri(),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=180,
-        )
-        shots[name] = np.asarray(Image.open(png).convert("RGB")).astype(int)
-    top = shots["top"]
-    assert top.shape[:2] == (2000, 1200)
-    dark = (top.sum(axis=2) < 200).mean()  # text
-    assert 0.002 < dark < 0.5, f"the page looks blank or broken ({dark:.4f} dark pixels)"
-    # Plot pixels: matplotlib's tab10 colours (blue, orange, green) appear only inside the
-    # embedded PNGs, never in the page's own CSS.
-    page = shots["page"]
-    for rgb in ((31, 119, 180), (255, 127, 14), (44, 160, 44)):
-        hits = (np.abs(page - np.array(rgb)).sum(axis=2) <= 6).sum()
-        assert hits > 500, f"no plot pixels of colour {rgb} in the rendered page ({hits})"
+    assert_page_and_plots_render(out / "report.html", tmp_path)
 
 
 def test_streams_left_out_of_training_are_not_missing(tmp_path: Path) -> None:
