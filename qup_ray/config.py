@@ -382,7 +382,9 @@ def _training_checks(data: dict, stream_names: list[str]) -> list[str]:
     robustness = training.get("robustness") or []
     for i, extra in enumerate(robustness if isinstance(robustness, list) else []):
         if isinstance(extra, dict) and "global_batch_size" in extra:
-            batches.append((f"training.robustness.{i}.global_batch_size", extra["global_batch_size"]))
+            batches.append(
+                (f"training.robustness.{i}.global_batch_size", extra["global_batch_size"])
+            )
     for path, batch in batches if ok else []:
         if not isinstance(batch, int | float) or batch != int(batch):
             problems.append(f"{path}: must be a whole number of sequences (got {batch!r})")
