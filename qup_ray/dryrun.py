@@ -64,12 +64,23 @@ def job_log(root: Path, cluster: ClusterConfig, job_id: str) -> Path | None:
 
 
 def verdict_lines(root: Path) -> list[str]:
-    """The report's computed verdict, one line per claim (report/verdict.csv)."""
+    """The report's computed verdict for the first student and objective, one short line per
+    claim (report/verdict.csv; the whole sentences are in report.html)."""
     path = root / "report" / "verdict.csv"
     if not path.is_file():
         return []
     with path.open() as f:
-        return [row.get("text", "") for row in csv.DictReader(f) if row.get("text")]
+        rows = [r for r in csv.DictReader(f) if r.get("text")]
+    if not rows:
+        return []
+    first = (rows[0]["student"], rows[0]["objective"])
+    out = []
+    for r in rows:
+        if (r["student"], r["objective"]) != first:
+            continue
+        claim = r["text"].split(":", 1)[0].split(" (", 1)[0]
+        out.append(f"{r['student']} {r['objective']}: {claim} ({r['evidence']} evidence)")
+    return out
 
 
 class _Ticker:
