@@ -238,7 +238,9 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, unbroken, how):
         # controller timeout under load); the command itself ends with one message, no traceback
         own = [line for line in err.splitlines() if "pid=" not in line and line.strip()]
         assert not any("Traceback" in line for line in own), err
-        assert own[-1].startswith("error: training stopped by SIGTERM")
+        # (progress bars of model loading may still trail it on a loaded machine)
+        messages = [line for line in own if line.startswith("error:")]
+        assert messages and messages[-1].startswith("error: training stopped by SIGTERM"), err
         assert own[-1].endswith("checkpoints saved, rerun the same command to resume")
     assert not (cell / "_manifest.json").exists()
     stopped_at = read_json(cell / "checkpoints" / "qup_state.json")["step"]
