@@ -212,7 +212,9 @@ class CellWork:
     """The units still to evaluate."""
 
 
-def generate(cfg: ExperimentConfig, student: str, works: list[CellWork]) -> None:
+def generate(
+    cfg: ExperimentConfig, student: str, works: list[CellWork], stop_token_ids: list[int]
+) -> None:
     """One generate -> grade pass over every unfinished shard of these models (all of one
     student, so one prompt format and one set of stop tokens). The engine actors load the models
     one after another in the same process (`model_path` column), so many models pay one actor
@@ -231,13 +233,12 @@ def generate(cfg: ExperimentConfig, student: str, works: list[CellWork]) -> None
     expected = Counter((q["work"], q["unit"], q["shard"]) for q in pending)
     position = {(q["work"], q["unit"], q["problem_id"]): i for i, q in enumerate(pending)}
     engine = cfg.students[student].engine
-    fmt = ChatFormat.for_model(works[0].model_path, cfg.students[student].prompt)
     sampling = {
         "n": e.num_samples,
         "temperature": e.temperature,
         "top_p": e.top_p,
         "max_tokens": e.max_new_tokens,
-        "stop_token_ids": list(fmt.stop_token_ids),
+        "stop_token_ids": stop_token_ids,
     }
     ds = generate_and_grade(
         pending,
@@ -327,7 +328,7 @@ def evaluate_cells(
                 num_shards = math.ceil(len(unit.requests) / cfg.evaluation.shard_size)
                 unit.done_shards = unit.stage.plan_shards(num_shards)
                 stack.enter_context(unit.stage.timed("generate_and_grade"))
-        generate(cfg, student, works)
+        generate(cfg, student, works, list(fmt.stop_token_ids))
     for work in works:
         for unit in work.pending:
             finish_unit(cfg, work.cell, unit, work.model_path)

@@ -56,13 +56,14 @@ STREAM_SCHEMA = pa.schema(
 
 
 def build_prompts(
-    cfg: ExperimentConfig, student: str, model_path: str, problems: list[dict]
-) -> tuple[list[dict], list[dict]]:
+    cfg: ExperimentConfig, student: str, model_path: str, problems: list[dict],
+    fmt: ChatFormat | None = None,
+) -> tuple[list[dict], list[dict]]:  # fmt: skip
     """Generation requests (token ids from the one encoding, a per-request seed and a generation
     limit fitted to the engine's context) and the rejected rows: problems whose prompt alone
     fills the engine's context."""
     model = cfg.students[student]
-    fmt = ChatFormat.for_model(model_path, model.prompt)
+    fmt = fmt or ChatFormat.for_model(model_path, model.prompt)
     limit = engine_max_len(model.engine, model_path)
     requests, rejected = [], []
     for p in problems:
@@ -99,10 +100,10 @@ def engine_batch_size(cfg: ExperimentConfig, student: str) -> int:
 
 
 def rollout_dataset(cfg: ExperimentConfig, student: str, model_path: str, rows: list[dict],
-                    generator: type = VLLMGenerator) -> Any:  # fmt: skip
+                    generator: type = VLLMGenerator, fmt: ChatFormat | None = None) -> Any:  # fmt: skip
     """The Ray Data pipeline of the stage (`engines.generate_and_grade` with the student's
     engine, sampling and batch size). `qup bench rollouts` times this same pipeline."""
-    fmt = ChatFormat.for_model(model_path, cfg.students[student].prompt)
+    fmt = fmt or ChatFormat.for_model(model_path, cfg.students[student].prompt)
     return generate_and_grade(
         rows, model_path, cfg.students[student].engine,
         sampling=sampling_kwargs(cfg, list(fmt.stop_token_ids)), grading=cfg.grading,
@@ -112,7 +113,7 @@ def rollout_dataset(cfg: ExperimentConfig, student: str, model_path: str, rows: 
 
 
 def generate(cfg: ExperimentConfig, student: str, model_path: str, requests: list[dict],
-             stage: Stage, done: set[int]) -> None:  # fmt: skip
+             stage: Stage, done: set[int], fmt: ChatFormat) -> None:  # fmt: skip
     """Run the generate -> grade pipeline over the unfinished shards, writing each as it completes."""
     r = cfg.rollouts
     pending = [
@@ -123,7 +124,7 @@ def generate(cfg: ExperimentConfig, student: str, model_path: str, requests: lis
     if not pending:
         return
     expected = Counter(q["shard"] for q in pending)
-    ds = rollout_dataset(cfg, student, model_path, pending)
+    ds = rollout_dataset(cfg, student, model_path, pending, fmt=fmt)
     # Chunks arrive in completion order; shards are written in request order.
     position = {q["problem_id"]: i for i, q in enumerate(pending)}
     buffers: dict[int, list[dict]] = defaultdict(list)
@@ -165,11 +166,12 @@ def run_student(
     with stage.running():
         t0 = time.time()
         model_path = resolve_model(model.path, cfg)
-        requests, rejected = build_prompts(cfg, student, model_path, problems)
+        fmt = ChatFormat.for_model(model_path, model.prompt)  # the tokenizer loads once
+        requests, rejected = build_prompts(cfg, student, model_path, problems, fmt)
         stage.write_table("rejected", pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA))
         num_shards = math.ceil(len(requests) / cfg.rollouts.shard_size)
         done = stage.plan_shards(num_shards)
-        generate(cfg, student, model_path, requests, stage, done)
+        generate(cfg, student, model_path, requests, stage, done, fmt)
         table = stage.read_shards()
         stage.write_table("rollouts", table)
         rows = table.to_pylist()
@@ -180,7 +182,7 @@ def run_student(
                         "rejected": len(rejected)},
             student=student, model_path=model.path,
             prompt={"file": model.prompt, "template": load_prompt(model.prompt),
-                    "example_rendered": prompt_text(model_path, model.prompt, problems),
+                    "example_rendered": fmt.prompt_text(problems[0]["problem"]) if problems else None,
                     "example_ids": requests[0]["prompt_ids"] if requests else None},
             num_generation_shortened=sum(
                 1 for q in requests if q["max_tokens"] < cfg.rollouts.max_new_tokens),
@@ -195,15 +197,6 @@ def run_student(
             tokens_per_s=round(sum(r["num_tokens"] for r in rows) / max(time.time() - t0, 1e-9), 2),
         )  # fmt: skip
     return stage.dir
-
-
-def prompt_text(model_path: str, prompt: str, problems: list[dict]) -> str | None:
-    """The first problem's rendered chat, as the manifest shows it to a reader."""
-    return (
-        ChatFormat.for_model(model_path, prompt).prompt_text(problems[0]["problem"])
-        if problems
-        else None
-    )
 
 
 def pass_histogram(num_correct: Counter, problem_ids: list[str], n: int) -> dict[str, int]:
