@@ -241,7 +241,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, unbroken, how):
         # (progress bars of model loading may still trail it on a loaded machine)
         messages = [line for line in own if line.startswith("error:")]
         assert messages and messages[-1].startswith("error: training stopped by SIGTERM"), err
-        assert own[-1].endswith("checkpoints saved, rerun the same command to resume")
+        assert messages[-1].endswith("checkpoints saved, rerun the same command to resume"), err
     assert not (cell / "_manifest.json").exists()
     stopped_at = read_json(cell / "checkpoints" / "qup_state.json")["step"]
     assert 2 <= stopped_at < 18
