@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 CATEGORIES = ("symbol", "digit", "scaffolding", "whitespace", "word")
@@ -40,10 +41,15 @@ def style_stats(
 ) -> dict[str, Any]:
     """Counts and frequencies of each category, newlines, steps (non-empty lines), tokens per step."""
     counts = Counter(token_category(p, symbol_chars, scaffolding) for p in token_pieces)
-    total = max(len(token_pieces), 1)
+    return stats_from_counts(counts, len(token_pieces), text)
+
+
+def stats_from_counts(counts: Mapping[str, int], num_tokens: int, text: str) -> dict[str, Any]:
+    """The style row of a trace from its category counts (what `style_stats` returns)."""
+    total = max(num_tokens, 1)
     steps = sum(1 for line in text.splitlines() if line.strip())
-    out: dict[str, Any] = {"num_tokens": len(token_pieces), "num_steps": steps,
-                           "tokens_per_step": len(token_pieces) / steps if steps else None,
+    out: dict[str, Any] = {"num_tokens": num_tokens, "num_steps": steps,
+                           "tokens_per_step": num_tokens / steps if steps else None,
                            "num_newlines": text.count("\n")}  # fmt: skip
     for cat in CATEGORIES:
         out[f"{cat}_count"] = counts.get(cat, 0)

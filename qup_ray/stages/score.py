@@ -10,7 +10,9 @@ For every student and every one of its streams (`streams/<student>/final/<stream
 - `style.parquet`: token-category counts/frequencies with the student's tokenizer;
 - `summary.json`: mean, std, median and a 95% bootstrap interval of each measure, and the
   semantic retention scores of the streams stage.
-All tables are keyed by problem_id, one row per trace.
+All tables are keyed by problem_id, one row per trace. Engine results go through the score
+cache of `qup_ray.scoring` (`<run>/score_cache/`): a trace in several streams is scored once, and
+an interrupted run resumes from the engine batches it finished.
 """
 
 from __future__ import annotations
@@ -22,26 +24,20 @@ from pathlib import Path
 import pyarrow as pa
 
 from qup_ray.config import EngineConfig, ExperimentConfig
-from qup_ray.encoding import ChatFormat
-from qup_ray.engines import VLLMPromptLogprobs, VLLMRewardScorer
-from qup_ray.models import engine_max_len, resolve_model
-from qup_ray.prompts import load_prompt, render_chat
+from qup_ray.prompts import load_prompt
 from qup_ray.rundir import (
     REJECTED_SCHEMA,
     RunDir,
     Stage,
     StageError,
     read_parquet,
-    rejected_row,
     stable_hash,
     write_json,
 )
+from qup_ray.scoring import PPL_FIELDS, score_ppl, score_reward, score_style
 from qup_ray.stats import summarize
-from qup_ray.style import style_stats
 
 logger = logging.getLogger(__name__)
-
-PPL_FIELDS = ("mean_nll", "ppl", *(f"q{q}_{m}" for q in range(1, 5) for m in ("mean_nll", "ppl")))
 
 
 def run_engine_pool(
@@ -60,81 +56,6 @@ def run_engine_pool(
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         out += batch.to_pylist()
     return out
-
-
-def score_ppl(
-    cfg: ExperimentConfig, student: str, traces: list[dict], rejected: list[dict]
-) -> list[dict]:
-    """PPL rows (key, num_tokens, mean_nll, ppl, q1..q4) under `student`: each trace encoded
-    exactly as training encodes it (`ChatFormat.example`). Sequences longer than the engine's
-    limit go to `rejected` instead of the engine."""
-    model = cfg.students[student]
-    path = resolve_model(model.path, cfg)
-    fmt = ChatFormat.for_model(path, model.prompt)
-    limit = engine_max_len(model.engine, path)
-    rows = []
-    for t in traces:
-        ids, start = fmt.example(t["problem"], t["trace"])
-        if len(ids) > limit:
-            rejected.append({"key": t["key"], **rejected_row(
-                t["problem_id"], "sequence_over_context", len(ids), limit, "ppl")})  # fmt: skip
-            continue
-        rows.append({"key": t["key"], "input_ids": ids, "response_start": start})
-    dtype = None if cfg.scoring.ppl_dtype == "auto" else cfg.scoring.ppl_dtype
-    kwargs = {"model_path": path, "engine": model.engine.model_dump(), "dtype": dtype,
-              "cache_dir": str(cfg.cpu_world.cache_root()), "metric_tags": {"student": student, "stage": "score"}}  # fmt: skip
-    return run_engine_pool(rows, VLLMPromptLogprobs, kwargs, model.engine) if rows else []
-
-
-def score_reward(
-    cfg: ExperimentConfig, rm_name: str, traces: list[dict], rejected: list[dict]
-) -> list[dict]:
-    """Reward rows (key, reward) of one reward model over all traces; conversations longer than
-    the reward model's limit go to `rejected`."""
-    from transformers import AutoTokenizer
-
-    rm = cfg.reward_models[rm_name]
-    path = resolve_model(rm.path, cfg)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    system = load_prompt(rm.prompt)["system"] if rm.prompt else None
-    limit = engine_max_len(rm.engine, path)
-    rows = []
-    for t in traces:
-        messages = [{"role": "system", "content": system}] if system else []
-        messages += [
-            {"role": "user", "content": t["problem"]},
-            {"role": "assistant", "content": t["trace"]},
-        ]
-        text = render_chat(tokenizer, messages, add_generation_prompt=False)
-        # The template already holds the special tokens: none added on top (see VLLMRewardScorer).
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > limit:
-            rejected.append({"key": t["key"], **rejected_row(
-                t["problem_id"], "sequence_over_context", len(ids), limit, f"reward-{rm_name}")})  # fmt: skip
-            continue
-        rows.append({"key": t["key"], "input_ids": ids})
-    kwargs = {"model_path": path, "engine": rm.engine.model_dump(), "kind": rm.kind, "token_id": rm.token_id,
-              "cache_dir": str(cfg.cpu_world.cache_root()), "metric_tags": {"reward_model": rm_name, "stage": "score"}}  # fmt: skip
-    return run_engine_pool(rows, VLLMRewardScorer, kwargs, rm.engine) if rows else []
-
-
-def score_style(cfg: ExperimentConfig, student: str, traces: list[dict]) -> list[dict]:
-    """Style rows (token categories with the student's tokenizer)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.students[student].path, cfg))
-    scaffolding = frozenset(w.lower() for w in cfg.scoring.scaffolding_words)
-    rows = []
-    for t in traces:
-        ids = tokenizer(t["trace"], add_special_tokens=False)["input_ids"]
-        pieces = [tokenizer.decode([i]) for i in ids]
-        rows.append(
-            {
-                "key": t["key"],
-                **style_stats(pieces, t["trace"], cfg.scoring.symbol_chars, scaffolding),
-            }
-        )
-    return rows
 
 
 def run(cfg: ExperimentConfig, *, force: bool = False) -> Path:
