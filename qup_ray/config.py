@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -23,7 +24,9 @@ from qup_ray.cpu_world.settings import CpuWorldSettings
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS_DIR = REPO_ROOT / "configs"
 
-STREAMS = ("slm_rft", "oracle_refined", "oracle_synthesized", "numina_subset", "style_aligned")
+STREAMS = ("slm_rft", "oracle_refined", "oracle_synthesized", "numina_subset", "style_aligned",
+           "slm_min_ppl", "compat_select", "reward_select")  # fmt: skip
+"""Stream kinds; the last three are chosen from the others by `qup_ray.selection` (issue 18)."""
 OBJECTIVES = ("sft", "dft")
 
 
@@ -116,7 +119,6 @@ class EngineConfig(StrictModel):
     CPU: vLLM does not pin the threads to cores, which matters only on large NUMA nodes."""
     batch_size: int = Field(64, gt=0)
     """Rows handed to one actor call by Ray Data `map_batches`."""
-
     max_restarts: int = Field(8, ge=0)
     """Times Ray restarts one engine actor that died (out of memory, a lost GPU, a drained node)
     before the pool gives up on it."""
@@ -125,11 +127,16 @@ class EngineConfig(StrictModel):
     redone one row at a time, and the rows that keep crashing go to the stage's rejected table
     (reason `engine_crash`)."""
 
+
 class ModelConfig(StrictModel):
     """A language model used as a student (learner) or an oracle's open-weights engine."""
 
     path: str
     """Hugging Face hub id, local directory, or `cpu-world:<name>` for the project's tiny models."""
+    revision: str | None = None
+    """Hub revision (a commit sha; a branch or tag is resolved by `qup fetch` to the sha it
+    downloaded and recorded in `<cache_root>/fetch_lock.json`). Unset: the default branch, as
+    locked by `qup fetch`. Ignored for local folders and `cpu-world:` refs."""
     family: Literal["qwen2.5", "llama3", "deepseek", "tiny"]
     """Model family; picks the prompt template and is a grid axis in the report."""
     prompt: str
@@ -151,6 +158,9 @@ class OracleConfig(StrictModel):
     `rule`: the project's rule-based OpenAI-compatible server (CPU world), started by the suite."""
     model: str
     """Model name sent to the endpoint (openai/rule) or model path/hub id (vllm)."""
+    revision: str | None = None
+    """Hub revision of an open model (`vllm` backend without `base_url`), pinned like a
+    student's `revision`. Ignored by the other backends."""
     base_url: str | None = None
     """Endpoint, e.g. `https://api.openai.com/v1`. Unset for the `rule` backend (started locally)."""
     api_key_env: str | None = None
@@ -181,6 +191,10 @@ class RewardModelConfig(StrictModel):
 
     path: str
     """Hub id, local directory, or `cpu-world:<name>`."""
+    revision: str | None = None
+    """Hub revision (a commit sha; a branch or tag is resolved by `qup fetch` to the sha it
+    downloaded and recorded in `<cache_root>/fetch_lock.json`). Unset: the default branch, as
+    locked by `qup fetch`. Ignored for local folders and `cpu-world:` refs."""
     kind: Literal["qwen_math_rm", "sequence_classifier", "lm_token_logit"]
     """`qwen_math_rm`: Qwen2ForRewardModel, last token's score; `sequence_classifier`:
     AutoModelForSequenceClassification with one label (Skywork reward models);
@@ -215,6 +229,9 @@ class DatasetSource(StrictModel):
     """Hub dataset id (kind=hub), e.g. `AI-MO/NuminaMath-CoT`. Point it at a mirror if needed."""
     config: str | None = None
     """Hub dataset config name, e.g. `OE_TO_maths_en_COMP`."""
+    revision: str | None = None
+    """Hub revision of the dataset (kind=hub): a commit sha, or a branch or tag that `qup fetch`
+    resolves to the sha it downloaded (`<cache_root>/fetch_lock.json`)."""
     split: str = "train"
     """Split to load."""
     path: str | None = None
@@ -280,7 +297,10 @@ class StreamsConfig(StrictModel):
     """Stage `streams`: the parallel data streams over the shared problem set."""
 
     enabled: list[Literal[STREAMS]] = list(STREAMS)  # type: ignore[valid-type]
-    """Streams to build (see MISSION.md); style_aligned is built once per style oracle."""
+    """Streams to build (see MISSION.md); style_aligned is built once per style oracle;
+    slm_min_ppl, compat_select and reward_select are selected per problem from the student's
+    correct samples and the other streams' traces, by PPL under the student or by the reward of
+    the first `scoring.reward_models` entry (see `qup_ray.selection`)."""
     refine_oracle: str | None = None
     """Oracle (key of `oracles`) for oracle_refined."""
     synthesize_oracle: str | None = None
@@ -487,6 +507,11 @@ class RayConfig(StrictModel):
     """Where the dashboard binds; reach it with `ssh -L` (the job log prints the command)."""
     include_dashboard: bool = True
     """Start the dashboard with a local cluster."""
+    node_ip_address: str = "127.0.0.1"
+    """Address every service of a local cluster (GCS, raylet, object manager, workers, dashboard
+    agent, metrics) binds to. 127.0.0.1 keeps them off the network, so other users of a shared
+    node cannot reach them; name this node's interface address only when other machines must
+    join. (Clusters the grid starts over SLURM nodes bind to the node's interface on purpose.)"""
 
 
 class StageResources(StrictModel):
@@ -598,10 +623,16 @@ class ClusterConfig(StrictModel):
 class ExperimentConfig(StrictModel):
     """A whole experiment: data, students, oracles, scoring, training, evaluation."""
 
+    THROUGHPUT: ClassVar[frozenset[str]] = frozenset({"cache_dir"})
+
     experiment: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     """Name; the run directory is `<output_dir>/<experiment>/`."""
     output_dir: str = "runs"
     """Parent of run directories."""
+    cache_dir: str | None = None
+    """Cache root of a run: vLLM and compile caches, the fetch lock, the CPU world's models.
+    Unset: `$QUP_CACHE_DIR`, else `~/.cache/qup_ray`. On a cluster, a shared filesystem every
+    node reaches. Changes no result, so it is not hashed."""
     seed: int = 0
     """Global seed for anything not seeded by its own section."""
     problems: ProblemsConfig
@@ -628,6 +659,14 @@ class ExperimentConfig(StrictModel):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.experiment
+
+    def cache_root(self) -> Path:
+        """The one cache location of a run: `cache_dir`, else `$QUP_CACHE_DIR`, else
+        `~/.cache/qup_ray`. Every engine, stage and the CPU world's build take it from here."""
+        if self.cache_dir is not None:
+            return Path(self.cache_dir).expanduser()
+        env = os.environ.get("QUP_CACHE_DIR")
+        return Path(env).expanduser() if env else Path.home() / ".cache" / "qup_ray"
 
     def stream_names(self) -> list[str]:
         """Streams a student gets, with style_aligned expanded per style oracle."""
@@ -688,6 +727,10 @@ def _cross_checks(data: dict) -> list[str]:
             "streams.style_oracles: empty but stream 'style_aligned' is enabled (got [])"
         )
     scored = scoring.get("reward_models") or []
+    if "reward_select" in enabled and not scored:
+        problems.append(
+            "scoring.reward_models: empty but stream 'reward_select' is enabled (got [])"
+        )
     for i, name in enumerate(scored if isinstance(scored, list) else []):
         check_ref(f"scoring.reward_models.{i}", name, rms, "reward_models")
     for name, model in students.items():

@@ -128,7 +128,7 @@ def score_ppl(
         rows.append({"key": t["key"], "cache_key": cache.key(ids, start),
                      "input_ids": ids, "response_start": start})  # fmt: skip
     kwargs = {"model_path": path, "engine": model.engine.model_dump(), "dtype": dtype,
-              "cache_dir": str(cfg.cpu_world.cache_root()), "metric_tags": {"student": student, "stage": "score"}}  # fmt: skip
+              "cache_dir": str(cfg.cache_root()), "metric_tags": {"student": student, "stage": "score"}}  # fmt: skip
     engine_rows = [{k: r[k] for k in ("cache_key", "input_ids", "response_start")} for r in rows]
     _score_missing(cache, engine_rows, VLLMPromptLogprobs, kwargs, model.engine)
     return [{"key": r["key"], **cache.rows[r["cache_key"]]} for r in rows]
@@ -166,7 +166,7 @@ def score_reward(
             continue
         rows.append({"key": t["key"], "cache_key": cache.key(ids), "input_ids": ids})
     kwargs = {"model_path": path, "engine": rm.engine.model_dump(), "kind": rm.kind, "token_id": rm.token_id,
-              "cache_dir": str(cfg.cpu_world.cache_root()), "metric_tags": {"reward_model": rm_name, "stage": "score"}}  # fmt: skip
+              "cache_dir": str(cfg.cache_root()), "metric_tags": {"reward_model": rm_name, "stage": "score"}}  # fmt: skip
     engine_rows = [{k: r[k] for k in ("cache_key", "input_ids")} for r in rows]
     _score_missing(cache, engine_rows, VLLMRewardScorer, kwargs, rm.engine)
     return [{"key": r["key"], **cache.rows[r["cache_key"]]} for r in rows]

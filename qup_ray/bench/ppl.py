@@ -83,7 +83,7 @@ def _pipeline(cfg: Any, model: Any, path: str, rows: list[dict]) -> dict:
     init_ray(cfg.ray)
     # The score stage's own actor pool, in float32.
     kwargs = {"model_path": path, "engine": model.engine.model_dump(), "dtype": "float32",
-              "cache_dir": str(cfg.cpu_world.cache_root())}  # fmt: skip
+              "cache_dir": str(cfg.cache_root())}  # fmt: skip
     scored = run_engine_pool(rows, with_batch_start(VLLMPromptLogprobs), kwargs, model.engine)
     return {
         "tokens": sum(len(r["input_ids"]) for r in rows),
@@ -110,7 +110,7 @@ def run(
         ids, start = fmt.example(t["problem"], t["trace"])
         rows.append({"input_ids": ids, "response_start": start})
     engine = model.engine.model_dump()
-    cache_dir = str(cfg.cpu_world.cache_root())
+    cache_dir = str(cfg.cache_root())
     result, _, pipe = alternate_rounds(
         lambda: run_in_subprocess(_bare, path, engine, rows, cache_dir),
         lambda: _pipeline(cfg, model, path, rows),

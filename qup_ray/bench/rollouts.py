@@ -83,7 +83,7 @@ def run(
     fmt = ChatFormat.for_model(model_path, cfg.students[student].prompt)
     sampling = sampling_kwargs(cfg, list(fmt.stop_token_ids))
     engine = cfg.students[student].engine.model_dump()
-    cache_dir = str(cfg.cpu_world.cache_root())
+    cache_dir = str(cfg.cache_root())
     result, bare, pipe = alternate_rounds(
         lambda: run_in_subprocess(_bare, model_path, engine, sampling, requests, cache_dir),
         lambda: _pipeline(cfg, student, model_path, requests),

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from qup_ray.config import ExperimentConfig, OracleConfig
-from qup_ray.engines import VLLMGenerator, request_seed
+from qup_ray.engines import VLLMGenerator, engine_pool, request_seed, tolerating_crashes
 from qup_ray.oracle.cache import CachedResponse, ResponseCache
 from qup_ray.oracle.client import OracleRequest, OracleResult, request_cache_key
 
@@ -35,7 +35,7 @@ def run_engine_requests(
     from qup_ray.ray_session import init_ray
 
     keys = [request_cache_key(ocfg, r) for r in requests]
-    too_long: dict[str, str] = {}  # cache key -> why it was not sent
+    unanswered: dict[str, str] = {}  # cache key -> why it was not sent
     with ResponseCache(cache_dir) as cache:
         stored = cache.get_many(keys)
         todo = {k: r for k, r in zip(keys, requests, strict=True) if k not in stored}
@@ -48,7 +48,7 @@ def run_engine_requests(
                 ids = fmt.chat_ids(r.messages)
                 max_tokens = fit_generation(len(ids), ocfg.max_tokens, limit)
                 if max_tokens is None:
-                    too_long[k] = (f"prompt of {len(ids)} tokens does not fit the oracle "
+                    unanswered[k] = (f"prompt of {len(ids)} tokens does not fit the oracle "
                                    f"engine's limit of {limit} tokens")  # fmt: skip
                     continue
                 rows.append({"cache_key": k, "prompt_ids": ids, "max_tokens": max_tokens,
@@ -59,39 +59,51 @@ def run_engine_requests(
             if ocfg.temperature is not None:
                 sampling["temperature"] = ocfg.temperature
             init_ray(cfg.ray)
-            e = ocfg.engine
-            ds = ray.data.from_items(rows).map_batches(
-                VLLMGenerator,
-                fn_constructor_kwargs={"model_path": model_path, "engine": e.model_dump(),
-                                       "sampling": sampling,
-                                       "cache_dir": str(cfg.cpu_world.cache_root()),
-                                       "metric_tags": {"stage": "streams", "oracle": ocfg.model}},
-                compute=ray.data.ActorPoolStrategy(size=e.num_actors),
-                num_gpus=e.num_gpus_per_actor, num_cpus=e.num_cpus_per_actor, batch_size=e.batch_size,
-            )  # fmt: skip
+            kwargs = {"model_path": model_path, "engine": ocfg.engine.model_dump(),
+                      "sampling": sampling, "cache_dir": str(cfg.cpu_world.cache_root()),
+                      "metric_tags": {"stage": "streams", "oracle": ocfg.model}}  # fmt: skip
             prompt_tokens = {r["cache_key"]: len(r["prompt_ids"]) for r in rows}
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                for row in batch.to_pylist():
-                    response = CachedResponse(
-                        content=row["response"], finish_reason=row["finish_reason"],
-                        prompt_tokens=prompt_tokens[row["cache_key"]], completion_tokens=row["num_tokens"],
-                        cost_usd=0.0, model=ocfg.model, request_key=todo[row["cache_key"]].key,
-                        created_at=time.time(),
-                    )  # fmt: skip
-                    # Empty replies are not cached: a rerun asks again, as for failed API calls.
-                    if row["response"].strip():
-                        cache.put(row["cache_key"], response)
-                    stored[row["cache_key"]] = response
+
+            def generate(todo_rows: list[dict], isolating: bool) -> None:
+                ds = ray.data.from_items(
+                    todo_rows, override_num_blocks=len(todo_rows) if isolating else None
+                )
+                ds = engine_pool(ds, VLLMGenerator, kwargs, ocfg.engine, role="oracle",
+                                 isolating=isolating)  # fmt: skip
+                for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                    for row in batch.to_pylist():
+                        response = CachedResponse(
+                            content=row["response"], finish_reason=row["finish_reason"],
+                            prompt_tokens=prompt_tokens[row["cache_key"]], completion_tokens=row["num_tokens"],
+                            cost_usd=0.0, model=ocfg.model, request_key=todo[row["cache_key"]].key,
+                            created_at=time.time(),
+                        )  # fmt: skip
+                        # Empty replies are not cached: a rerun asks again, as for failed API calls.
+                        if row["response"].strip():
+                            cache.put(row["cache_key"], response)
+                        stored[row["cache_key"]] = response
+
+            try:
+                generate(rows, isolating=False)
+            except Exception as error:  # a batch crashed its actor past its retries
+                logger.warning("oracle engine pool failed (%s); redoing its requests one at a "
+                               "time", error)  # fmt: skip
+                with tolerating_crashes():
+                    generate([r for r in rows if r["cache_key"] not in stored], isolating=True)
+                for r in rows:
+                    if r["cache_key"] not in stored:
+                        unanswered[r["cache_key"]] = f"engine_crash: {type(error).__name__}"
     return [
-        _too_long(r.key, too_long[k])
-        if k in too_long
+        _unanswered(r.key, unanswered[k])
+        if k in unanswered
         else _result(r.key, stored[k], cached=k not in todo)
         for k, r in zip(keys, requests, strict=True)
     ]
 
 
-def _too_long(key: str, why: str) -> OracleResult:
-    """A request never sent: its prompt is over the engine's limit (a failed row, not a crash)."""
+def _unanswered(key: str, why: str) -> OracleResult:
+    """A request without a reply: its prompt is over the engine's limit, or it crashed the engine
+    every time it was sent (a failed row, not a failed stage)."""
     return OracleResult(
         key=key, status="failed", content=None, error=why, prompt_tokens=0,
         completion_tokens=0, cost_usd=0.0, attempts=0, cached=False, finish_reason=None,

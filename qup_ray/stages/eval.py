@@ -247,7 +247,7 @@ def generate(
         sampling=sampling,
         grading=cfg.grading,
         batch_size=engine_batch_size(engine.batch_size, e.shard_size),
-        cache_dir=str(cfg.cpu_world.cache_root()),
+        cache_dir=str(cfg.cache_root()),
         tags={"student": student, "stage": "eval"},
     )
     buffers: dict[tuple[int, int, int], list[dict]] = defaultdict(list)

@@ -107,7 +107,7 @@ def rollout_dataset(cfg: ExperimentConfig, student: str, model_path: str, rows: 
     return generate_and_grade(
         rows, model_path, cfg.students[student].engine,
         sampling=sampling_kwargs(cfg, list(fmt.stop_token_ids)), grading=cfg.grading,
-        batch_size=engine_batch_size(cfg, student), cache_dir=str(cfg.cpu_world.cache_root()),
+        batch_size=engine_batch_size(cfg, student), cache_dir=str(cfg.cache_root()),
         tags={"student": student, "stage": "rollouts"}, generator=generator,
     )  # fmt: skip
 

@@ -196,7 +196,7 @@ def run(cfg: ExperimentConfig, *, force: bool = False, cells: list[str] | None =
         "cells": [spec.__dict__ for _, spec in pending],
         "training": cfg.training.model_dump(mode="json"),
         "deepspeed": deepspeed_template(cfg),
-        "cache_dir": str(cfg.cpu_world.cache_root().resolve()),
+        "cache_dir": str(cfg.cache_root().resolve()),
         "stop_file": str(stop_file.resolve()),
     }
     with contextlib.ExitStack() as stack:
