@@ -35,7 +35,7 @@ def run_engine_requests(
     from qup_ray.ray_session import init_ray
 
     keys = [request_cache_key(ocfg, r) for r in requests]
-    unanswered: dict[str, str] = {}  # cache key -> why it was not sent
+    unanswered: dict[str, str] = {}  # cache key -> why it has no reply
     with ResponseCache(cache_dir) as cache:
         stored = cache.get_many(keys)
         todo = {k: r for k, r in zip(keys, requests, strict=True) if k not in stored}
