@@ -60,7 +60,7 @@ def run_engine_requests(
                 sampling["temperature"] = ocfg.temperature
             init_ray(cfg.ray)
             kwargs = {"model_path": model_path, "engine": ocfg.engine.model_dump(),
-                      "sampling": sampling, "cache_dir": str(cfg.cpu_world.cache_root()),
+                      "sampling": sampling, "cache_dir": str(cfg.cache_root()),
                       "metric_tags": {"stage": "streams", "oracle": ocfg.model}}  # fmt: skip
             prompt_tokens = {r["cache_key"]: len(r["prompt_ids"]) for r in rows}
 
