@@ -2,6 +2,7 @@
 
     qup dryrun [--out DIR]                     every stage on this machine (CPU, tiny models)
     qup run STAGE -c CONFIG [key=value ...]    one stage on the current (or a local) Ray cluster
+    qup fetch -c CONFIG [--plan]               download every pinned model and dataset once
     qup grid -c CONFIG --cluster YAML [--plan] the model x stream x objective grid on SLURM
     qup status RUN_DIR                         what is done, partial, failed or missing
     qup validate -c CONFIG [key=value ...]     check a config, print every problem
@@ -101,6 +102,27 @@ def run_cmd(
     except StageNotBuilt as e:
         raise NotBuilt(str(e)) from None
     typer.echo(f"{stage}: done -> {out}")
+
+
+@app.command()
+def fetch(
+    config: ConfigOpt,
+    overrides: Overrides = None,
+    plan: Annotated[
+        bool, typer.Option(help="List what would be fetched (works offline); download nothing.")
+    ] = False,
+    force: Annotated[bool, typer.Option(help="Download again even if cached.")] = False,
+) -> None:
+    """Download every model and dataset the config names, at its pinned revision, into the
+    Hugging Face cache, so later jobs run with HF_HUB_OFFLINE=1."""
+    from qup_ray import fetch as fetching
+
+    cfg = load_config(config, overrides or [])
+    if plan:
+        for line in fetching.plan(cfg):
+            typer.echo(line)
+        return
+    typer.echo(f"fetch: done -> {fetching.run(cfg, force=force)}")
 
 
 @app.command()

@@ -30,6 +30,15 @@ STREAMS = ("slm_rft", "oracle_refined", "oracle_synthesized", "numina_subset", "
 OBJECTIVES = ("sft", "dft")
 
 
+def default_cache_root(cache_dir: str | None = None) -> Path:
+    """`cache_dir` if given, else `$QUP_CACHE_DIR`, else `~/.cache/qup_ray`: the rule behind
+    `ExperimentConfig.cache_root`, for code that holds no config (a dataset source)."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("QUP_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "qup_ray"
+
+
 class ConfigError(Exception):
     """One or more problems in a configuration, each `path: message (got value)`."""
 
@@ -663,10 +672,7 @@ class ExperimentConfig(StrictModel):
     def cache_root(self) -> Path:
         """The one cache location of a run: `cache_dir`, else `$QUP_CACHE_DIR`, else
         `~/.cache/qup_ray`. Every engine, stage and the CPU world's build take it from here."""
-        if self.cache_dir is not None:
-            return Path(self.cache_dir).expanduser()
-        env = os.environ.get("QUP_CACHE_DIR")
-        return Path(env).expanduser() if env else Path.home() / ".cache" / "qup_ray"
+        return default_cache_root(self.cache_dir)
 
     def stream_names(self) -> list[str]:
         """Streams a student gets, with style_aligned expanded per style oracle."""

@@ -91,8 +91,9 @@ def _load_local(path: Path, split: str) -> Iterable[dict]:
     return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
 
 
-def load_raw_rows(source: DatasetSource) -> Iterable[dict]:
-    """The rows of a source as dicts, before normalisation."""
+def load_raw_rows(source: DatasetSource, cache_root: Path | None = None) -> Iterable[dict]:
+    """The rows of a source as dicts, before normalisation. `cache_root` holds `qup fetch`'s
+    lock of hub revisions (default: `config.default_cache_root()`)."""
     if source.kind == "synthetic":
         from qup_ray.cpu_world.synthetic import generate_problems
 
@@ -103,9 +104,14 @@ def load_raw_rows(source: DatasetSource) -> Iterable[dict]:
         return _load_local(Path(source.path).expanduser(), source.split)
     import datasets
 
+    from qup_ray.fetch import local_snapshot
+
     if not source.dataset:
         raise DataSourceError("kind 'hub' needs `dataset`")
-    return datasets.load_dataset(source.dataset, source.config, split=source.split)
+    # The snapshot `qup fetch` put in the Hugging Face cache, at the pinned revision: a dataset
+    # missing there under HF_HUB_OFFLINE=1 is one error naming it, not a traceback from `datasets`.
+    folder = local_snapshot(source.dataset, "dataset", source.revision, cache_root=cache_root)
+    return datasets.load_dataset(str(folder), source.config, split=source.split)
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,11 +212,13 @@ def normalize_row(raw: dict, fields: dict[str, str], benchmark: str) -> tuple[di
     }, ""
 
 
-def load_problems(source: DatasetSource, benchmark: str = "") -> tuple[list[dict], list[dict]]:
+def load_problems(
+    source: DatasetSource, benchmark: str = "", cache_root: Path | None = None
+) -> tuple[list[dict], list[dict]]:
     """Load and normalise a source: (rows, rejected rows with reasons)."""
     rows, rejected = [], []
     num_loaded = 0
-    for i, raw in enumerate(load_raw_rows(source)):
+    for i, raw in enumerate(load_raw_rows(source, cache_root)):
         num_loaded += 1
         row, reason = normalize_row(dict(raw), source.fields, benchmark)
         if row is None:

@@ -17,13 +17,40 @@ from qup_ray.config import EngineConfig, ExperimentConfig
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
 
 
-def resolve_model(path: str, cfg: ExperimentConfig) -> str:
-    """A local directory for `cpu-world:` refs (built on first use), else the path/hub id."""
+def resolve_model(path: str, cfg: ExperimentConfig, revision: str | None = None) -> str:
+    """The local directory of a model: a `cpu-world:` ref's build (made on first use, under
+    `cfg.cache_root()`), a local folder as given, or a hub id's snapshot in the Hugging Face
+    cache at its pinned revision (`qup_ray.fetch.local_snapshot`). Engines load that folder, so
+    actors never download. `revision` defaults to the one configured for `path` (a student,
+    reward model or oracle). A hub model missing under `HF_HUB_OFFLINE=1` raises `NotFetched`
+    naming it."""
     if path.startswith("cpu-world:"):
         from qup_ray.cpu_world import resolve_model_ref
 
-        return resolve_model_ref(path, cfg.cpu_world)
-    return path
+        world = cfg.cpu_world
+        if world.cache_dir is None:  # where it is cached is not hashed: the world stays the same
+            world = world.model_copy(update={"cache_dir": str(cfg.cache_root())})
+        return resolve_model_ref(path, world)
+    if Path(path).expanduser().exists():
+        return path
+    from qup_ray.fetch import local_snapshot
+
+    if revision is None:
+        revision = configured_revision(path, cfg)
+    return str(local_snapshot(path, "model", revision, cache_root=cfg.cache_root()))
+
+
+def configured_revision(path: str, cfg: ExperimentConfig) -> str | None:
+    """The `revision` the config gives the model at `path` (student, reward model or open
+    oracle), None when none does."""
+    models = [*cfg.students.values(), *cfg.reward_models.values()]
+    for model in models:
+        if model.path == path and model.revision is not None:
+            return model.revision
+    for oracle in cfg.oracles.values():
+        if oracle.model == path and oracle.revision is not None:
+            return oracle.revision
+    return None
 
 
 def checkpoint_config(path: str | Path, revision: str | None = None) -> dict[str, Any] | None:
