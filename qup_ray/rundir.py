@@ -61,6 +61,14 @@ REJECTED_SCHEMA = pa.schema(
 )  # fmt: skip
 
 
+STREAM_SCHEMA = pa.schema(
+    [("problem_id", pa.string()), ("problem", pa.string()), ("answer", pa.string()),
+     ("trace", pa.string()), ("student", pa.string()), ("stream", pa.string()),
+     ("sample_idx", pa.int64()), ("num_tokens", pa.int64())]
+)  # fmt: skip
+"""A training stream (`streams/<student>/<stream>/stream.parquet`), whichever stage makes it."""
+
+
 def rejected_row(
     problem_id: str, reason: str, num_tokens: int, limit: int, table: str = ""
 ) -> dict[str, Any]:
@@ -440,7 +448,9 @@ def stage_state(stage_dir: Path) -> tuple[str, str]:
     if (stage_dir / MANIFEST).is_file():
         m = read_json(stage_dir / MANIFEST)
         rows = ", ".join(f"{k}={v}" for k, v in m.get("row_counts", {}).items())
-        return "done", rows
+        # Faults it survived (see engines.PoolEvents and the training loop), when there were any.
+        survived = ", ".join(f"{k}={v}" for k, v in m.get("faults", {}).items() if v)
+        return "done", f"{rows}; {survived}" if survived else rows
     if (stage_dir / BLOCKED).is_file():  # waiting for an input, e.g. a model not exported yet
         return "blocked", read_json(stage_dir / BLOCKED).get("reason", "")[:100]
     if (stage_dir / ERROR).is_file():

@@ -26,18 +26,26 @@ import pyarrow as pa
 from qup_ray.answers import answer_parts
 from qup_ray.config import ExperimentConfig, result_view
 from qup_ray.encoding import ChatFormat, fit_generation
-from qup_ray.engines import VLLMGenerator, generate_and_grade, request_seed
+from qup_ray.engines import (
+    PoolEvents,
+    VLLMGenerator,
+    generate_and_grade,
+    request_seed,
+    tolerating_crashes,
+)
 from qup_ray.models import engine_max_len, resolve_model
 from qup_ray.prompts import load_prompt
 from qup_ray.rft import select_rft
 from qup_ray.rundir import (
     REJECTED_SCHEMA,
+    STREAM_SCHEMA,
     RunDir,
     Stage,
     StageError,
     read_parquet,
     rejected_row,
     stable_hash,
+    write_parquet,
 )
 
 logger = logging.getLogger(__name__)
@@ -48,11 +56,9 @@ ROLLOUT_SCHEMA = pa.schema(
      ("extracted", pa.string()), ("extract_mode", pa.string()), ("correct", pa.bool_()),
      ("status", pa.string())]
 )  # fmt: skip
-STREAM_SCHEMA = pa.schema(
-    [("problem_id", pa.string()), ("problem", pa.string()), ("answer", pa.string()),
-     ("trace", pa.string()), ("student", pa.string()), ("stream", pa.string()),
-     ("sample_idx", pa.int64()), ("num_tokens", pa.int64())]
-)  # fmt: skip
+CRASHED_SCHEMA = REJECTED_SCHEMA.append(pa.field("error", pa.string()))
+"""The rollouts' rejected table: a request whose prompt fills the context, or one that crashed
+its engine actor every time it was sent (reason `engine_crash`, with the error)."""
 
 
 def build_prompts(
@@ -100,7 +106,8 @@ def engine_batch_size(cfg: ExperimentConfig, student: str) -> int:
 
 
 def rollout_dataset(cfg: ExperimentConfig, student: str, model_path: str, rows: list[dict],
-                    generator: type = VLLMGenerator, fmt: ChatFormat | None = None) -> Any:  # fmt: skip
+                    generator: type = VLLMGenerator, fmt: ChatFormat | None = None,
+                    events: PoolEvents | None = None, isolating: bool = False) -> Any:  # fmt: skip
     """The Ray Data pipeline of the stage (`engines.generate_and_grade` with the student's
     engine, sampling and batch size). `qup bench rollouts` times this same pipeline."""
     fmt = fmt or ChatFormat.for_model(model_path, cfg.students[student].prompt)
@@ -109,12 +116,17 @@ def rollout_dataset(cfg: ExperimentConfig, student: str, model_path: str, rows: 
         sampling=sampling_kwargs(cfg, list(fmt.stop_token_ids)), grading=cfg.grading,
         batch_size=engine_batch_size(cfg, student), cache_dir=str(cfg.cache_root()),
         tags={"student": student, "stage": "rollouts"}, generator=generator,
+        events_dir=events.path if events else None, isolating=isolating,
     )  # fmt: skip
 
 
 def generate(cfg: ExperimentConfig, student: str, model_path: str, requests: list[dict],
-             stage: Stage, done: set[int], fmt: ChatFormat) -> None:  # fmt: skip
-    """Run the generate -> grade pipeline over the unfinished shards, writing each as it completes."""
+             stage: Stage, done: set[int], fmt: ChatFormat) -> dict[str, int]:  # fmt: skip
+    """Run the generate -> grade pipeline over the unfinished shards, writing each as it
+    completes. Ray restarts engine actors that die and redoes their batches; if a batch kills
+    its actor past every retry, the unfinished shards are redone one request per batch and the
+    requests that still crash are set aside (`crashed-*.parquet` next to the shards, reason
+    `engine_crash`). Returns what the engine pools survived (see `engines.PoolEvents`)."""
     r = cfg.rollouts
     pending = [
         dict(q, shard=i // r.shard_size)
@@ -122,28 +134,71 @@ def generate(cfg: ExperimentConfig, student: str, model_path: str, requests: lis
         if i // r.shard_size not in done
     ]
     if not pending:
-        return
+        return {}
+    pools = [PoolEvents.fresh(stage.shard_dir / "engine_events")]
+    try:
+        write_shards(cfg, student, model_path, pending, stage, fmt, pools[0])
+    except Exception as error:  # any pipeline failure: find the crashing rows
+        logger.warning("%s: generation failed (%s); redoing the unfinished shards one request "
+                       "per batch", stage.dir, error)  # fmt: skip
+        finished = stage.finished_shards()
+        todo = [q for q in pending if q["shard"] not in finished]
+        pools.append(PoolEvents.fresh(stage.shard_dir / "engine_events"))
+        with tolerating_crashes():
+            why = f"{type(error).__name__}: {error}"[:500]
+            write_shards(cfg, student, model_path, todo, stage, fmt, pools[-1], error=why)
+    num_actors = cfg.students[student].engine.num_actors
+    totals = Counter()
+    for events in pools:
+        totals.update(events.summary(num_actors))
+    return dict(totals)
+
+
+def write_shards(cfg: ExperimentConfig, student: str, model_path: str, pending: list[dict],
+                 stage: Stage, fmt: ChatFormat, events: PoolEvents,
+                 error: str | None = None) -> None:  # fmt: skip
+    """One generate -> grade pass, writing each shard once all its samples are in. With an
+    `error` (the failure that made this an isolating pass), one request per batch: requests
+    without samples at the end crashed their actor every time and are written, with the error,
+    to the shard's `crashed` table before the shard itself."""
+    n = cfg.rollouts.num_samples_per_problem
     expected = Counter(q["shard"] for q in pending)
-    ds = rollout_dataset(cfg, student, model_path, pending, fmt=fmt)
-    # Chunks arrive in completion order; shards are written in request order.
+    ds = rollout_dataset(cfg, student, model_path, pending, fmt=fmt, events=events,
+                         isolating=error is not None)  # fmt: skip
+    # Chunks arrive in completion order; shards are written in request order. Rows are keyed by
+    # (problem, sample): a redone batch can never add a row twice.
     position = {q["problem_id"]: i for i, q in enumerate(pending)}
-    buffers: dict[int, list[dict]] = defaultdict(list)
+    buffers: dict[int, dict[tuple[str, int], dict]] = defaultdict(dict)
+
+    def write(shard: int) -> None:
+        rows = sorted(buffers.pop(shard, {}).values(),
+                      key=lambda x: (position[x["problem_id"]], x["sample_idx"]))  # fmt: skip
+        if error is not None:
+            got = {row["problem_id"] for row in rows}
+            crashed = [rejected_row(q["problem_id"], "engine_crash", len(q["prompt_ids"]), 0)
+                       | {"error": error}
+                       for q in pending if q["shard"] == shard and q["problem_id"] not in got]  # fmt: skip
+            write_parquet(stage.shard_dir / f"crashed-{shard:06d}.parquet",
+                          pa.Table.from_pylist(crashed, schema=CRASHED_SCHEMA))  # fmt: skip
+        stage.write_shard(shard, pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA))
+        logger.info("%s: shard %d written", stage.dir, shard)
+
     with stage.timed("generate_and_grade"):
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for row in batch.to_pylist():
                 shard = row["shard"]
-                buffers[shard].append(
-                    {k: row.get(k) for k in ROLLOUT_SCHEMA.names if k != "student"}
-                    | {"student": student}
-                )
-                if len(buffers[shard]) == expected[shard] * r.num_samples_per_problem:
-                    rows = sorted(
-                        buffers.pop(shard),
-                        key=lambda x: (position[x["problem_id"]], x["sample_idx"]),
-                    )
-                    stage.write_shard(shard, pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA))
-                    logger.info("%s: shard %d written", stage.dir, shard)
-    if buffers:
+                if shard not in expected:  # written already: a redone batch's late copy
+                    continue
+                buffers[shard][(row["problem_id"], row["sample_idx"])] = {
+                    k: row.get(k) for k in ROLLOUT_SCHEMA.names if k != "student"
+                } | {"student": student}
+                if len(buffers[shard]) == expected[shard] * n:
+                    write(shard)
+                    del expected[shard]
+    if error is not None:  # shards that lost requests to crashes
+        for shard in sorted(expected):
+            write(shard)
+    elif buffers:
         raise RuntimeError(f"incomplete shards after generation: {sorted(buffers)}")
 
 
@@ -168,11 +223,14 @@ def run_student(
         model_path = resolve_model(model.path, cfg)
         fmt = ChatFormat.for_model(model_path, model.prompt)  # the tokenizer loads once
         requests, rejected = build_prompts(cfg, student, model_path, problems, fmt)
-        stage.write_table("rejected", pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA))
         num_shards = math.ceil(len(requests) / cfg.rollouts.shard_size)
         done = stage.plan_shards(num_shards)
-        generate(cfg, student, model_path, requests, stage, done, fmt)
+        survived = generate(cfg, student, model_path, requests, stage, done, fmt)
         table = stage.read_shards()
+        crashed = [row for path in sorted(stage.shard_dir.glob("crashed-*.parquet"))
+                   for row in read_parquet(path).to_pylist()]  # fmt: skip
+        rejected = [row | {"error": None} for row in rejected] + crashed
+        stage.write_table("rejected", pa.Table.from_pylist(rejected, schema=CRASHED_SCHEMA))
         stage.write_table("rollouts", table)
         rows = table.to_pylist()
         statuses = Counter(r["status"] for r in rows)
@@ -195,6 +253,9 @@ def run_student(
                                           cfg.rollouts.num_samples_per_problem),
             generated_tokens=sum(r["num_tokens"] for r in rows),
             tokens_per_s=round(sum(r["num_tokens"] for r in rows) / max(time.time() - t0, 1e-9), 2),
+            faults={"actor_restarts": survived.get("actor_restarts", 0),
+                    "retried_batches": survived.get("retried_batches", 0),
+                    "isolated_rows": len(crashed)},
         )  # fmt: skip
     return stage.dir
 

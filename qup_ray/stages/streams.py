@@ -42,8 +42,7 @@ from qup_ray.oracle.prompts import (
     synthesize_messages,
 )
 from qup_ray.prompts import load_prompt
-from qup_ray.rundir import RunDir, Stage, StageError, read_parquet, stable_hash
-from qup_ray.stages.rollouts import STREAM_SCHEMA
+from qup_ray.rundir import STREAM_SCHEMA, RunDir, Stage, StageError, read_parquet, stable_hash
 
 logger = logging.getLogger(__name__)
 
