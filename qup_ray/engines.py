@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -174,6 +175,12 @@ class PoolEvents:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
 
+    @classmethod
+    def fresh(cls, parent: str | Path) -> PoolEvents:
+        """A new, empty events directory under `parent` (one per pool run: a resumed stage
+        counts only its own run's faults)."""
+        return cls(Path(parent) / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
+
     def record(self, event: str, token: str | None = None) -> str:
         token = token or uuid.uuid4().hex
         (self.path / f"{event}-{token}").touch()
@@ -183,10 +190,10 @@ class PoolEvents:
         return sum(1 for _ in self.path.glob(f"{event}-*"))
 
     def summary(self, num_actors: int) -> dict[str, int]:
-        """Actor starts beyond the pool's size are restarts (or replacements of dead actors)."""
+        """Actor starts beyond the pool's size are restarts (or replacements of dead actors);
+        batches begun and never ended were lost with their actor and sent again."""
         starts = self.count("start")
-        return {"actor_starts": starts, "actor_restarts": max(0, starts - num_actors),
-                "batches": self.count("begin"),
+        return {"actor_restarts": max(0, starts - num_actors),
                 "retried_batches": self.count("begin") - self.count("end")}  # fmt: skip
 
 
