@@ -56,10 +56,11 @@ def filter_reason(row: dict, cfg: RftFilterConfig, max_tokens: float) -> str | N
     return None
 
 
-def select_rft(
-    rollouts: list[dict], problem_ids: set[str], cfg: RftFilterConfig, seed: int
-) -> tuple[list[dict], dict[str, int]]:
-    """One correct, filtered trace per problem of `problem_ids`; and the count of each filter."""
+def rft_candidates(
+    rollouts: list[dict], problem_ids: set[str], cfg: RftFilterConfig
+) -> tuple[dict[str, list[dict]], dict[str, int]]:
+    """The correct traces of each problem of `problem_ids` that pass the light filters (in
+    sample order), and the count of each filter: the pool SLM-RFT (and `slm_min_ppl`) pick from."""
     correct = [r for r in rollouts if r["correct"] is True and r["problem_id"] in problem_ids]
     lengths = [r["num_tokens"] for r in correct]
     if len(lengths) >= 2:
@@ -78,6 +79,16 @@ def select_rft(
             continue
         seen_texts.add((row["problem_id"], row["response"]))
         by_problem[row["problem_id"]].append(row)
+    counts["correct_traces"] = len(correct)
+    counts["problems_all_filtered"] = len({r["problem_id"] for r in correct} - set(by_problem))
+    return dict(by_problem), dict(counts)
+
+
+def select_rft(
+    rollouts: list[dict], problem_ids: set[str], cfg: RftFilterConfig, seed: int
+) -> tuple[list[dict], dict[str, int]]:
+    """One correct, filtered trace per problem of `problem_ids`; and the count of each filter."""
+    by_problem, counts = rft_candidates(rollouts, problem_ids, cfg)
     rng = random.Random(seed)
     chosen = []
     for pid in sorted(by_problem):
@@ -89,7 +100,5 @@ def select_rft(
         else:
             pick = rng.choice(candidates)
         chosen.append(pick)
-    counts["correct_traces"] = len(correct)
     counts["problems_with_a_kept_trace"] = len(chosen)
-    counts["problems_all_filtered"] = len({r["problem_id"] for r in correct} - set(by_problem))
-    return chosen, dict(counts)
+    return chosen, counts

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from qup_ray.config import ClusterConfig, ExperimentConfig
 from qup_ray.rundir import MANIFEST, read_json
+from qup_ray.selection import SELECTION_STREAMS
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +146,16 @@ def stage_gpu_hours(
         uses = [cfg.streams.refine_oracle, cfg.streams.synthesize_oracle,
                 *cfg.streams.style_oracles]  # fmt: skip
         calls = sum(1 for u in uses if u in local) * students * ps
-        return calls * tokens / rates.rates["oracle_tokens_per_gpu_s"] / 3600
+        oracle_h = calls * tokens / rates.rates["oracle_tokens_per_gpu_s"] / 3600
+        # Selection streams score their pool (the student's samples and the other streams'
+        # traces) by PPL, and by the first reward model for reward_select.
+        selected = [s for s in cfg.stream_names() if s in SELECTION_STREAMS]
+        if not selected:
+            return oracle_h
+        pool = cfg.rollouts.num_samples_per_problem + streams - len(selected)
+        rm = cfg.scoring.reward_models[0] if "reward_select" in selected else None
+        factor = 1 + (cfg.reward_models[rm].engine.tensor_parallel_size if rm else 0)
+        return oracle_h + students * pool * ps * tokens * factor / score / 3600
     if stage == "score":
         # Perplexity under the student plus every reward model; a model spanning several GPUs
         # (tensor parallel) costs that many GPU-seconds per token.

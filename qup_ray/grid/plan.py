@@ -17,6 +17,7 @@ from pathlib import Path
 from qup_ray.config import ClusterConfig, ExperimentConfig
 from qup_ray.grid.estimate import problem_set_size, stage_gpu_hours, throughputs
 from qup_ray.rundir import MANIFEST, eval_cells, train_cells, train_streams
+from qup_ray.selection import SELECTION_STREAMS
 
 DATA_STAGES = ("problems", "rollouts", "streams", "score")
 
@@ -110,7 +111,8 @@ def _data_outputs(cfg: ExperimentConfig, stage: str) -> list[str]:
         rft = [f"streams/{s}/slm_rft" for s in students if "slm_rft" in streams]
         return [*(f"rollouts/{s}" for s in students), "problem_set", *rft]
     if stage == "streams":
-        others = [st for st in streams if st != "slm_rft"]
+        # Selection streams have no folder of their own: they are chosen in `final`.
+        others = [st for st in streams if st != "slm_rft" and st not in SELECTION_STREAMS]
         return [f"streams/{s}/{st}" for s in students for st in [*others, "final"]]
     return [f"scores/{s}/{st}" for s in students for st in streams]
 

@@ -15,6 +15,10 @@ Oracle answers are graded; wrong ones are dropped (counted) unless
 rerun (or `--force`) never pays twice. Finally `streams/<student>/final/<stream>.parquet` holds
 every stream cut to the problem ids all of them cover, with counts and reasons in its manifest.
 
+The learner-compatibility streams (`slm_min_ppl`, `compat_select`, `reward_select`) are chosen
+per problem of the cut from a scored pool (`qup_ray.selection`); their final tables add a
+`source` column, and the final manifest records the pool and the mix of sources chosen.
+
 Each stream folder holds `generated.parquet` (every row with its status and reason) and
 `stream.parquet` (the rows kept).
 """
@@ -42,11 +46,16 @@ from qup_ray.oracle.prompts import (
     synthesize_messages,
 )
 from qup_ray.prompts import load_prompt
+from qup_ray.rft import rft_candidates
 from qup_ray.rundir import STREAM_SCHEMA, RunDir, Stage, StageError, read_parquet, stable_hash
+from qup_ray.scoring import score_ppl, score_reward
+from qup_ray.selection import OWN_SAMPLES, SELECTION_STREAMS, select
 
 logger = logging.getLogger(__name__)
 
 FINAL_SCHEMA = STREAM_SCHEMA.append(pa.field("retention", pa.int64()))
+SELECTED_SCHEMA = FINAL_SCHEMA.append(pa.field("source", pa.string()))
+"""A selection stream: the final schema and where each chosen trace came from."""
 GENERATED_SCHEMA = pa.schema(
     [("problem_id", pa.string()), ("stream", pa.string()), ("status", pa.string()),
      ("reason", pa.string()), ("trace", pa.string()), ("extracted", pa.string()),
@@ -208,13 +217,23 @@ def numina_stream(run: RunDir, student: str, problem_set: list[dict], force: boo
 
 
 def cut_to_common_ids(cfg: ExperimentConfig, run: RunDir, student: str, force: bool) -> Path:
-    """`streams/<student>/final/<stream>.parquet`: every stream on the same problem ids."""
+    """`streams/<student>/final/<stream>.parquet`: every stream on the same problem ids; the
+    selection streams (`qup_ray.selection`) are chosen here, from the cut's traces and the
+    student's own correct samples."""
     streams = cfg.stream_names()
-    dirs = [run.root / "streams" / student / s for s in streams]
+    built = [s for s in streams if s not in SELECTION_STREAMS]
+    selected = [s for s in streams if s in SELECTION_STREAMS]
+    dirs = [run.root / "streams" / student / s for s in built]
+    config_hash = stable_hash(streams)
+    if selected:  # what changes the pool's scores and picks
+        config_hash += ":" + cfg.section_hash(
+            "seed", "rollouts", "students", "reward_models", "scoring", "cpu_world"
+        )
     stage = Stage(
         run.root / "streams" / student / "final",
-        stable_hash(streams),
-        inputs=[run.root / "problem_set", *dirs],
+        config_hash,
+        inputs=[run.root / "problem_set", *dirs]
+        + ([run.root / "rollouts" / student] if selected else []),
         force=force,
     )
     if stage.is_done():
@@ -224,14 +243,31 @@ def cut_to_common_ids(cfg: ExperimentConfig, run: RunDir, student: str, force: b
             p["problem_id"]
             for p in read_parquet(run.root / "problem_set" / "problem_set.parquet").to_pylist()
         }
-        tables = {s: read_parquet(d / "stream.parquet") for s, d in zip(streams, dirs, strict=True)}
+        tables = {s: read_parquet(d / "stream.parquet") for s, d in zip(built, dirs, strict=True)}
         ids = {s: set(t.column("problem_id").to_pylist()) for s, t in tables.items()}
         common = problem_set.intersection(*ids.values())
-        missing = {s: len(problem_set - ids[s]) for s in streams}
+        missing = {s: len(problem_set - ids[s]) for s in built}
         for s, t in tables.items():
             if "retention" not in t.column_names:
                 t = t.append_column("retention", pa.array([None] * t.num_rows, pa.int64()))
             t = t.select(FINAL_SCHEMA.names).cast(FINAL_SCHEMA)
+            keep = pa.array([pid in common for pid in t.column("problem_id").to_pylist()])
+            tables[s] = t.filter(keep).sort_by("problem_id")
+        selection: dict = {}
+        if selected:
+            with stage.timed("selection"):
+                chosen, selection = select_streams(cfg, run, student, selected, tables, common)
+            for s, rows in chosen.items():
+                missing[s] = len(problem_set - {r["problem_id"] for r in rows})
+            # A problem none of whose candidates is eligible (all over an engine's context)
+            # leaves a selection stream without it: the cut then drops it from every stream.
+            common = common.intersection(
+                *({r["problem_id"] for r in rows} for rows in chosen.values())
+            )
+            for s, rows in chosen.items():
+                tables[s] = pa.Table.from_pylist(rows, schema=SELECTED_SCHEMA)
+        for s in streams:
+            t = tables[s]
             keep = pa.array([pid in common for pid in t.column("problem_id").to_pylist()])
             stage.write_table(s, t.filter(keep).sort_by("problem_id"))
         stage.finish(
@@ -240,10 +276,80 @@ def cut_to_common_ids(cfg: ExperimentConfig, run: RunDir, student: str, force: b
                     "dropped": len(problem_set) - len(common)},
             missing_by_stream=missing,
             dropped_because="a problem is kept only if every stream of the student has a trace for it",
+            **({"selection": selection} if selected else {}),
         )  # fmt: skip
         logger.info("%s: %d of %d problems in every stream; missing per stream %s",
                     student, len(common), len(problem_set), missing)  # fmt: skip
     return stage.dir
+
+
+def select_streams(cfg: ExperimentConfig, run: RunDir, student: str, names: list[str],
+                   tables: dict[str, pa.Table], common: set[str]) -> tuple[dict[str, list[dict]], dict]:  # fmt: skip
+    """The selection streams `names` of one student over the problem ids `common`, and what the
+    manifest records of them. The pool: the student's correct rollouts that pass the SLM-RFT
+    filters (SLM-RFT's own pick among them), and the rows of every other stream of the cut, scored through the score cache (the
+    score stage later finds these scores there)."""
+    from qup_ray.ray_session import init_ray
+
+    problems = {
+        p["problem_id"]: p
+        for p in read_parquet(run.root / "problem_set" / "problem_set.parquet").to_pylist()
+    }
+    rollouts = read_parquet(run.root / "rollouts" / student / "rollouts.parquet").to_pylist()
+    own, _ = rft_candidates(rollouts, set(problems), cfg.rollouts.rft)
+    pool = [
+        {"problem_id": pid, "problem": problems[pid]["problem"], "answer": problems[pid]["answer"],
+         "trace": r["response"], "source": OWN_SAMPLES, "correct": True,
+         "sample_idx": r["sample_idx"], "num_tokens": r["num_tokens"], "retention": None}
+        for pid in sorted(common & set(own)) for r in own[pid]
+    ]  # fmt: skip
+    for stream, table in tables.items():
+        if stream == "slm_rft":  # its trace is one of the student's samples above
+            continue
+        generated = run.root / "streams" / student / stream / "generated.parquet"
+        # Oracle streams keep wrong answers only under keep_wrong_oracle_answers: ask the grades.
+        grades = (
+            {g["problem_id"]: g["correct"] for g in read_parquet(generated).to_pylist()}
+            if generated.is_file()
+            else {}
+        )
+        pool += [{**r, "source": stream, "correct": grades.get(r["problem_id"], True)}
+                 for r in table.to_pylist()]  # fmt: skip
+    for i, c in enumerate(pool):
+        c["key"] = str(i)
+    init_ray(cfg.ray)
+    rejected: list[dict] = []
+    nll = {r["key"]: r["mean_nll"] for r in score_ppl(cfg, student, pool, rejected)}
+    rm = cfg.scoring.reward_models[0] if cfg.scoring.reward_models else None
+    reward = (
+        {r["key"]: r["reward"] for r in score_reward(cfg, rm, pool, rejected)}
+        if rm and "reward_select" in names
+        else {}
+    )
+    for c in pool:
+        c["mean_nll"], c["reward"] = nll.get(c["key"]), reward.get(c["key"])
+    chosen: dict[str, list[dict]] = {}
+    record: dict = {
+        "seed": cfg.seed, "reward_model": rm if "reward_select" in names else None,
+        # The prompt-logprob PPL of the score pass: exact whatever the sampling temperature.
+        "nll_source": "score_prompt_logprobs",
+        "pool_by_source": dict(Counter(c["source"] for c in pool)),
+        "pool_over_context": dict(Counter(r["table"] for r in rejected)),
+    }  # fmt: skip
+    for name in names:
+        picks, counts = select(name, pool, cfg.seed)
+        chosen[name] = [
+            {**{k: c[k] for k in FINAL_SCHEMA.names if k not in ("student", "stream")},
+             "student": student, "stream": name, "source": c["source"]}
+            for c in picks
+        ]  # fmt: skip
+        record[name] = {
+            "candidates": counts,
+            "chosen_by_source": dict(Counter(c["source"] for c in picks)),
+        }
+        logger.info("%s/%s: %d problems, sources %s", student, name, len(picks),
+                    record[name]["chosen_by_source"])  # fmt: skip
+    return chosen, record
 
 
 def run_student(cfg: ExperimentConfig, run: RunDir, student: str, force: bool) -> None:
