@@ -1,0 +1,181 @@
+"""`qup fetch` and the offline errors (issue 15, point 2): the plan lists every model and dataset
+of the paper's config with its revision, without network; a stage that needs something missing
+from an empty Hugging Face cache under HF_HUB_OFFLINE=1 stops with one line naming it.
+
+Nothing here reaches the hub: the Hugging Face caches are folders in tmp_path, laid out as
+huggingface_hub lays them out (`datasets--org--name/{refs,snapshots}`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qup_ray.config import CONFIGS_DIR
+
+PAPER = CONFIGS_DIR / "paper.yaml"
+
+
+def offline_env(tmp_path: Path) -> dict[str, str]:
+    """An empty Hugging Face cache and cache root, the hub switched off."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "RAY_ADDRESS"))}
+    env.update(
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        QUP_CACHE_DIR=str(tmp_path / "qup_cache"),
+        RAY_AUTH_MODE="disabled",
+    )
+    return env
+
+
+def qup(args: list[str], env: dict[str, str], cwd: Path, timeout: int = 300):
+    return subprocess.run(
+        [sys.executable, "-c", "from qup_ray.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+    )
+
+
+def paper_items() -> list[tuple[str, str]]:
+    """(repo id, revision or 'main') of every hub item of paper.yaml, read from the YAML itself."""
+    data = yaml.safe_load(PAPER.read_text())
+    items = []
+    sources = [data["problems"]["source"]]
+    sources += [b["source"] for b in data["evaluation"]["benchmarks"].values()]
+    items += [(s["dataset"], s.get("revision") or "main") for s in sources]
+    items += [(m["path"], m.get("revision") or "main") for m in data["students"].values()]
+    items += [
+        (data["reward_models"][n]["path"], data["reward_models"][n].get("revision") or "main")
+        for n in data["scoring"]["reward_models"]
+    ]
+    items += [
+        (o["model"], o.get("revision") or "main")
+        for o in data["oracles"].values()
+        if o["backend"] == "vllm" and not o.get("base_url")
+    ]
+    return items
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_plan_lists_every_model_and_dataset_of_the_paper_with_its_revision(tmp_path: Path):
+    out = qup(["fetch", "--plan", "-c", str(PAPER)], offline_env(tmp_path), tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    expected = paper_items()
+    assert len(lines) == len(expected) == 13
+    for repo_id, revision in expected:
+        (line,) = [ln for ln in lines if f" {repo_id} " in f" {ln} "]
+        assert f"revision {revision}" in line
+        assert line.endswith("size unknown (offline)")
+    assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").rglob("*.safetensors"))
+
+
+def test_plan_of_the_dry_run_fetches_nothing(tmp_path: Path):
+    out = qup(["fetch", "--plan", "-c", str(CONFIGS_DIR / "dryrun.yaml")], offline_env(tmp_path),
+              tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines and all("not fetched" in line for line in lines)
+
+
+def test_problems_offline_with_an_empty_cache_names_the_missing_dataset(tmp_path: Path):
+    out = qup(
+        ["run", "problems", "-c", str(PAPER), f"output_dir={tmp_path / 'runs'}"],
+        offline_env(tmp_path),
+        tmp_path,
+    )
+    assert out.returncode == 2, out.stderr
+    (line,) = error_lines(out.stderr)
+    assert "AI-MO/NuminaMath-CoT" in line and "qup fetch -c" in line
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.cluster
+def test_rollouts_offline_with_problems_done_names_the_missing_model(tmp_path: Path):
+    from qup_ray.config import load_config
+    from qup_ray.data import PROBLEM_SCHEMA
+    from qup_ray.rundir import RunDir, Stage
+
+    overrides = [f"output_dir={tmp_path / 'runs'}", "ray.num_cpus=1", "ray.include_dashboard=false"]
+    cfg = load_config(PAPER, overrides)
+    # The problems stage's output, written with the project's own stage helpers.
+    stage = Stage(RunDir.for_config(cfg).root / "problems", config_hash="made-by-the-test")
+    with stage.running():
+        row = {"problem_id": "p1", "problem": "What is 1+1?", "answer": "2", "solution": "",
+               "source": "test", "benchmark": ""}  # fmt: skip
+        stage.write_table("problems", [row])
+        stage.finish(row_counts={"problems": 1})
+    assert PROBLEM_SCHEMA.names == list(row)
+
+    out = qup(["run", "rollouts", "-c", str(PAPER), *overrides], offline_env(tmp_path), tmp_path)
+    assert out.returncode == 2, out.stderr[-3000:]
+    (line,) = error_lines(out.stderr)
+    assert "Qwen/Qwen2.5-Math-1.5B" in line and "qup fetch -c" in line
+    assert "Traceback" not in out.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Loading from the cache at the pinned revision
+# --------------------------------------------------------------------------------------------
+
+
+def fake_hub_dataset(hub_cache: Path, repo_id: str, rows_by_sha: dict[str, list[dict]]) -> None:
+    """A dataset repository in huggingface_hub's cache layout, one snapshot per sha; `main`
+    points at the last one."""
+    repo = hub_cache / f"datasets--{repo_id.replace('/', '--')}"
+    for sha, rows in rows_by_sha.items():
+        snapshot = repo / "snapshots" / sha / "data"
+        snapshot.mkdir(parents=True)
+        (snapshot / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(list(rows_by_sha)[-1])
+
+
+LOAD = """
+import json, sys
+from qup_ray.config import DatasetSource
+from qup_ray.data import load_problems
+source = DatasetSource(kind="hub", dataset="org/toy", revision=sys.argv[1] or None,
+                       fields={"problem": "question", "answer": "answer"})
+rows, _ = load_problems(source)
+print("ROWS " + json.dumps([r["answer"] for r in rows]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("revision", "lock", "answers"),
+    [
+        ("", None, ["new"]),  # unpinned, never fetched: the cache's `main`
+        ("", "old", ["old"]),  # unpinned: the sha `qup fetch` locked, though `main` moved on
+        ("a" * 40, None, ["old"]),  # pinned to a sha: that snapshot
+    ],
+)
+def test_a_hub_dataset_loads_offline_from_the_cache_at_its_pinned_revision(
+    tmp_path: Path, revision: str, lock: str | None, answers: list[str]
+):
+    env = offline_env(tmp_path)
+    fake_hub_dataset(tmp_path / "hf" / "hub", "org/toy", {
+        "a" * 40: [{"question": "q old", "answer": "old"}],
+        "b" * 40: [{"question": "q new", "answer": "new"}],
+    })  # fmt: skip
+    if lock:
+        root = Path(env["QUP_CACHE_DIR"])
+        root.mkdir()
+        (root / "fetch_lock.json").write_text(json.dumps({"dataset:org/toy@main": "a" * 40}))
+    out = subprocess.run([sys.executable, "-c", LOAD, revision], capture_output=True, text=True,
+                         env=env, cwd=tmp_path, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    (line,) = [ln for ln in out.stdout.splitlines() if ln.startswith("ROWS ")]
+    assert json.loads(line.removeprefix("ROWS ")) == answers
