@@ -248,6 +248,7 @@ def plan(cfg: ExperimentConfig) -> list[str]:
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     offline = _hub_offline()
+    cache_root = cfg.cache_root()
     lines = []
     for item in fetch_items(cfg):
         head = f"{item.kind:<13} {item.repo_id:<45}"
@@ -262,26 +263,32 @@ def plan(cfg: ExperimentConfig) -> list[str]:
                 offline = True  # no hub from here: the other items would only time out too
             except Exception as e:  # a gated or missing repo: the plan still lists it
                 size = f"size unknown ({type(e).__name__})"
-        lines.append(f"{head} revision {item.revision or 'main (not pinned)'}  {size}")
+        revision = item.revision or "main (not pinned)"
+        locked = pinned_revision(item.repo_type, item.repo_id, item.revision, cache_root)
+        if locked and locked != item.revision:
+            revision += f" (locked to {locked})"
+        lines.append(f"{head} revision {revision}  {size}")
     return lines
 
 
 def run(cfg: ExperimentConfig, *, force: bool = False) -> Path:
-    """Download every hub item of the config (skipping those already cached at their locked
-    revision unless `force`); returns the lock file."""
+    """Download every hub item of the config, skipping those already in the cache at a commit
+    sha (pinned or locked) unless `force`; returns the lock file. With `HF_HUB_OFFLINE=1` it
+    only checks: the first missing item is a `NotFetched` error."""
     cache_root = cfg.cache_root()
     for item in fetch_items(cfg):
         if item.local:
             logger.info("%s %s: %s", item.kind, item.repo_id, item.local)
             continue
         pinned = pinned_revision(item.repo_type, item.repo_id, item.revision, cache_root)
-        if not force and pinned and _SHA_RE.match(pinned):
+        if not force and (_hub_offline() or (pinned and _SHA_RE.match(pinned))):
             try:
-                local_snapshot(item.repo_id, item.repo_type, pinned, cache_root=cache_root,
-                               download=False)  # fmt: skip
+                local_snapshot(item.repo_id, item.repo_type, item.revision,
+                               cache_root=cache_root, download=False)  # fmt: skip
                 logger.info("%s %s: in the cache at %s", item.kind, item.repo_id, pinned)
                 continue
             except NotFetched:
-                pass
+                if _hub_offline():
+                    raise
         download_one(item, cache_root, force=force)
     return cache_root / LOCK_NAME

@@ -179,3 +179,24 @@ def test_a_hub_dataset_loads_offline_from_the_cache_at_its_pinned_revision(
     assert out.returncode == 0, out.stderr[-3000:]
     (line,) = [ln for ln in out.stdout.splitlines() if ln.startswith("ROWS ")]
     assert json.loads(line.removeprefix("ROWS ")) == answers
+
+
+@pytest.mark.parametrize(("revision", "cached"), [("a" * 40, True), ("c" * 40, False)])
+def test_fetch_offline_checks_the_cache_and_names_what_is_missing(
+    tmp_path: Path, revision: str, cached: bool
+):
+    env = offline_env(tmp_path)
+    fake_hub_dataset(
+        tmp_path / "hf" / "hub", "org/toy", {"a" * 40: [{"question": "q", "answer": "1"}]}
+    )
+    hub_problems = ["problems.source.kind=hub", "problems.source.dataset=org/toy",
+                    f"problems.source.revision={revision}"]  # fmt: skip
+    out = qup(["fetch", "-c", str(CONFIGS_DIR / "dryrun.yaml"), *hub_problems], env, tmp_path)
+    if cached:
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.stdout.startswith("fetch: done")
+    else:
+        assert out.returncode == 2, out.stderr[-3000:]
+        (line,) = error_lines(out.stderr)
+        assert "org/toy" in line and revision in line
+        assert "Traceback" not in out.stderr
