@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from qup_ray.config import EngineConfig, ExperimentConfig
 from qup_ray.encoding import ChatFormat
-from qup_ray.engines import VLLMPromptLogprobs, VLLMRewardScorer
+from qup_ray.engines import VLLMPromptLogprobs, VLLMRewardScorer, engine_pool
 from qup_ray.models import engine_max_len, resolve_model
 from qup_ray.prompts import load_prompt, render_chat
 from qup_ray.rundir import RunDir, rejected_row, write_parquet
@@ -78,20 +78,18 @@ def _cache(cfg: ExperimentConfig, kind: str, name: str, identity: dict, schema: 
 
 
 def engine_batches(
-    rows: list[dict], actor: type, kwargs: dict, engine: EngineConfig
+    rows: list[dict], actor: type, kwargs: dict, engine: EngineConfig, role: str
 ) -> Iterator[pa.Table]:
-    """Run rows through one engine actor pool, yielding each finished batch as it completes."""
+    """Run rows through one engine pool (`engines.engine_pool`), yielding each finished batch as
+    it completes (in completion order: results are addressed by their cache key)."""
     import ray
 
-    ds = ray.data.from_items(rows).map_batches(
-        actor, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=engine.num_actors),
-        num_gpus=engine.num_gpus_per_actor, num_cpus=engine.num_cpus_per_actor, batch_size=engine.batch_size,
-    )  # fmt: skip
+    ds = engine_pool(ray.data.from_items(rows), actor, kwargs, engine, role=role)
     yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
 
 
 def _score_missing(cache: ScoreCache, rows: list[dict], actor: type, kwargs: dict,
-                   engine: EngineConfig) -> int:  # fmt: skip
+                   engine: EngineConfig, role: str) -> int:  # fmt: skip
     """Send the engine each distinct input the cache lacks; returns how many were sent."""
     missing: dict[str, dict] = {}
     for r in rows:
@@ -101,7 +99,7 @@ def _score_missing(cache: ScoreCache, rows: list[dict], actor: type, kwargs: dic
                 len(rows), len({r["cache_key"] for r in rows}),
                 len({r["cache_key"] for r in rows} - set(missing)), len(missing))  # fmt: skip
     if missing:
-        for batch in engine_batches(list(missing.values()), actor, kwargs, engine):
+        for batch in engine_batches(list(missing.values()), actor, kwargs, engine, role):
             cache.add(batch)
     return len(missing)
 
@@ -130,7 +128,7 @@ def score_ppl(
     kwargs = {"model_path": path, "engine": model.engine.model_dump(), "dtype": dtype,
               "cache_dir": str(cfg.cache_root()), "metric_tags": {"student": student, "stage": "score"}}  # fmt: skip
     engine_rows = [{k: r[k] for k in ("cache_key", "input_ids", "response_start")} for r in rows]
-    _score_missing(cache, engine_rows, VLLMPromptLogprobs, kwargs, model.engine)
+    _score_missing(cache, engine_rows, VLLMPromptLogprobs, kwargs, model.engine, "score")
     return [{"key": r["key"], **cache.rows[r["cache_key"]]} for r in rows]
 
 
@@ -168,7 +166,7 @@ def score_reward(
     kwargs = {"model_path": path, "engine": rm.engine.model_dump(), "kind": rm.kind, "token_id": rm.token_id,
               "cache_dir": str(cfg.cache_root()), "metric_tags": {"reward_model": rm_name, "stage": "score"}}  # fmt: skip
     engine_rows = [{k: r[k] for k in ("cache_key", "input_ids")} for r in rows]
-    _score_missing(cache, engine_rows, VLLMRewardScorer, kwargs, rm.engine)
+    _score_missing(cache, engine_rows, VLLMRewardScorer, kwargs, rm.engine, "score")
     return [{"key": r["key"], **cache.rows[r["cache_key"]]} for r in rows]
 
 

@@ -16,8 +16,9 @@ rerun (or `--force`) never pays twice. Finally `streams/<student>/final/<stream>
 every stream cut to the problem ids all of them cover, with counts and reasons in its manifest.
 
 The learner-compatibility streams (`slm_min_ppl`, `compat_select`, `reward_select`) are chosen
-per problem of the cut from a scored pool (`qup_ray.selection`); their final tables add a
-`source` column, and the final manifest records the pool and the mix of sources chosen.
+per problem of the cut from a scored pool (`qup_ray.selection`); their final tables add
+`source`, `selection_mean_nll` and `selection_reward` columns, and the final manifest records
+the pool and the mix of sources chosen.
 
 Each stream folder holds `generated.parquet` (every row with its status and reason) and
 `stream.parquet` (the rows kept).
@@ -54,8 +55,12 @@ from qup_ray.selection import OWN_SAMPLES, SELECTION_STREAMS, select
 logger = logging.getLogger(__name__)
 
 FINAL_SCHEMA = STREAM_SCHEMA.append(pa.field("retention", pa.int64()))
-SELECTED_SCHEMA = FINAL_SCHEMA.append(pa.field("source", pa.string()))
-"""A selection stream: the final schema and where each chosen trace came from."""
+SELECTED_SCHEMA = pa.schema(
+    [*FINAL_SCHEMA, pa.field("source", pa.string()), pa.field("selection_mean_nll", pa.float64()),
+     pa.field("selection_reward", pa.float64())]
+)  # fmt: skip
+"""A selection stream: the final schema, where each chosen trace came from, and the scores it
+was chosen by (mean NLL under the student; reward of the first reward model, when used)."""
 GENERATED_SCHEMA = pa.schema(
     [("problem_id", pa.string()), ("stream", pa.string()), ("status", pa.string()),
      ("reason", pa.string()), ("trace", pa.string()), ("extracted", pa.string()),
@@ -340,7 +345,8 @@ def select_streams(cfg: ExperimentConfig, run: RunDir, student: str, names: list
         picks, counts = select(name, pool, cfg.seed)
         chosen[name] = [
             {**{k: c[k] for k in FINAL_SCHEMA.names if k not in ("student", "stream")},
-             "student": student, "stream": name, "source": c["source"]}
+             "student": student, "stream": name, "source": c["source"],
+             "selection_mean_nll": c["mean_nll"], "selection_reward": c["reward"]}
             for c in picks
         ]  # fmt: skip
         record[name] = {
