@@ -143,7 +143,7 @@ def local_snapshot(
     Missing with `HF_HUB_OFFLINE=1` (or `download=False`): `NotFetched` naming the repository.
     Missing with the hub reachable: downloaded here, once, by the calling process (a stage's
     driver, never each engine actor), with a warning that `qup fetch` should have done it."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     cache_root = cache_root or default_cache_root()
@@ -157,8 +157,9 @@ def local_snapshot(
     what = f"{repo_type} {repo_id} (revision {pinned or 'main'})"
     if _hub_offline() or not download:
         raise NotFetched(
-            f"{what} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: run "
-            f"`qup fetch -c <this run's config>` on a machine with hub access first"
+            f"{what} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub is "
+            f"off (HF_HUB_OFFLINE): run `qup fetch -c <this run's config>` where the hub is "
+            f"reachable first"
         ) from None
     logger.warning(
         "%s is not in the Hugging Face cache: downloading it now (use `qup fetch`)", what
@@ -198,7 +199,6 @@ def download_one(item: FetchItem, cache_root: Path, *, force: bool = False) -> P
     info = _hub_info(item)
     filenames = [s.rfilename for s in info.siblings or []]
     patterns = _patterns(item, filenames)
-    sha = info.sha
     # hf_xet (huggingface_hub 2.x's download path) reads this when it starts a transfer;
     # hf-transfer and HF_HUB_ENABLE_HF_TRANSFER are no longer used.
     previous = os.environ.get("HF_XET_HIGH_PERFORMANCE")
@@ -207,7 +207,8 @@ def download_one(item: FetchItem, cache_root: Path, *, force: bool = False) -> P
         folder = snapshot_download(
             item.repo_id,
             repo_type=item.repo_type,
-            revision=sha,
+            # The branch or tag itself, so the cache also records where it pointed (refs/).
+            revision=item.revision,
             allow_patterns=patterns,
             force_download=force,
         )
@@ -219,6 +220,7 @@ def download_one(item: FetchItem, cache_root: Path, *, force: bool = False) -> P
     num_files = sum(
         1 for f in filenames if patterns is None or any(fnmatch(f, p) for p in patterns)
     )
+    sha = Path(folder).name  # a snapshot folder is named by the commit it holds
     lock = read_lock(cache_root)
     lock[_lock_key(item.repo_type, item.repo_id, item.revision)] = sha
     write_json(cache_root / LOCK_NAME, lock)
