@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from qup_ray.config import CONFIGS_DIR
+from qup_ray.fetch import NotFetched
 
 PAPER = CONFIGS_DIR / "paper.yaml"
 
@@ -90,6 +91,7 @@ def test_plan_of_the_dry_run_fetches_nothing(tmp_path: Path):
     assert lines and all("not fetched" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_problems_offline_with_an_empty_cache_names_the_missing_dataset(tmp_path: Path):
     out = qup(
         ["run", "problems", "-c", str(PAPER), f"output_dir={tmp_path / 'runs'}"],
@@ -143,42 +145,36 @@ def fake_hub_dataset(hub_cache: Path, repo_id: str, rows_by_sha: dict[str, list[
     (repo / "refs" / "main").write_text(list(rows_by_sha)[-1])
 
 
-LOAD = """
-import json, sys
-from qup_ray.config import DatasetSource
-from qup_ray.data import load_problems
-source = DatasetSource(kind="hub", dataset="org/toy", revision=sys.argv[1] or None,
-                       fields={"problem": "question", "answer": "answer"})
-rows, _ = load_problems(source)
-print("ROWS " + json.dumps([r["answer"] for r in rows]))
-"""
-
-
-@pytest.mark.parametrize(
-    ("revision", "lock", "answers"),
-    [
-        ("", None, ["new"]),  # unpinned, never fetched: the cache's `main`
-        ("", "old", ["old"]),  # unpinned: the sha `qup fetch` locked, though `main` moved on
-        ("a" * 40, None, ["old"]),  # pinned to a sha: that snapshot
-    ],
-)
 def test_a_hub_dataset_loads_offline_from_the_cache_at_its_pinned_revision(
-    tmp_path: Path, revision: str, lock: str | None, answers: list[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    env = offline_env(tmp_path)
-    fake_hub_dataset(tmp_path / "hf" / "hub", "org/toy", {
+    import datasets
+    from huggingface_hub import constants
+
+    from qup_ray.config import DatasetSource
+    from qup_ray.data import load_problems
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache")
+    fake_hub_dataset(tmp_path / "hub", "org/toy", {
         "a" * 40: [{"question": "q old", "answer": "old"}],
         "b" * 40: [{"question": "q new", "answer": "new"}],
     })  # fmt: skip
-    if lock:
-        root = Path(env["QUP_CACHE_DIR"])
-        root.mkdir()
-        (root / "fetch_lock.json").write_text(json.dumps({"dataset:org/toy@main": "a" * 40}))
-    out = subprocess.run([sys.executable, "-c", LOAD, revision], capture_output=True, text=True,
-                         env=env, cwd=tmp_path, timeout=300)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    (line,) = [ln for ln in out.stdout.splitlines() if ln.startswith("ROWS ")]
-    assert json.loads(line.removeprefix("ROWS ")) == answers
+    fields = {"problem": "question", "answer": "answer"}
+
+    def answers(revision: str | None, cache_root: Path) -> list[str]:
+        source = DatasetSource(kind="hub", dataset="org/toy", revision=revision, fields=fields)
+        return [r["answer"] for r in load_problems(source, cache_root=cache_root)[0]]
+
+    never_fetched, locked = tmp_path / "empty", tmp_path / "locked"
+    locked.mkdir()
+    (locked / "fetch_lock.json").write_text(json.dumps({"dataset:org/toy@main": "a" * 40}))
+    assert answers(None, never_fetched) == ["new"]  # unpinned, never fetched: the cache's main
+    assert answers(None, locked) == ["old"]  # the sha `qup fetch` locked, though main moved on
+    assert answers("a" * 40, never_fetched) == ["old"]  # pinned to a sha: that snapshot
+    with pytest.raises(NotFetched, match="org/toy"):
+        answers("c" * 40, never_fetched)
 
 
 @pytest.mark.parametrize(("revision", "cached"), [("a" * 40, True), ("c" * 40, False)])
