@@ -196,3 +196,33 @@ def test_fetch_offline_checks_the_cache_and_names_what_is_missing(
         (line,) = error_lines(out.stderr)
         assert "org/toy" in line and revision in line
         assert "Traceback" not in out.stderr
+
+
+def test_a_hub_model_resolves_to_its_cached_snapshot_at_the_configured_revision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from huggingface_hub import constants
+
+    from qup_ray.config import load_config
+    from qup_ray.models import engine_max_len, resolve_model
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    repo = tmp_path / "hub" / "models--org--student"
+    for sha, context in (("a" * 40, 1024), ("b" * 40, 2048)):
+        (repo / "snapshots" / sha).mkdir(parents=True)
+        (repo / "snapshots" / sha / "config.json").write_text(
+            json.dumps({"max_position_embeddings": context})
+        )
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("b" * 40)
+    cfg = load_config(CONFIGS_DIR / "dryrun.yaml", [
+        "students.tiny-qwen.path=org/student", f"students.tiny-qwen.revision={'a' * 40}",
+        f"cache_dir={tmp_path / 'qup_cache'}",
+    ])  # fmt: skip
+    student = cfg.students["tiny-qwen"]
+    path = resolve_model(student.path, cfg)  # the revision comes from the student's config
+    assert Path(path) == repo / "snapshots" / ("a" * 40)
+    assert engine_max_len(student.engine.model_copy(update={"max_model_len": None}), path) == 1024
+    with pytest.raises(NotFetched, match="org/other"):
+        resolve_model("org/other", cfg)
