@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import sys
+from collections.abc import MutableMapping
 
 from qup_ray.config import RayConfig
 
@@ -24,11 +26,7 @@ def init_ray(cfg: RayConfig) -> None:
     shared node that can pick someone else's cluster.
     """
     if is_loopback(cfg.node_ip_address) and not (cfg.address or os.environ.get("RAY_ADDRESS")):
-        # Ray turns a loopback node address into the machine's network address unless it runs
-        # as a single-machine cluster; its gRPC servers then listen on every interface. This
-        # switch (read when ray is imported, and inherited by the processes Ray starts) keeps
-        # the node address, and with it every listening socket, on loopback.
-        os.environ[_SINGLE_MACHINE_ENV] = "0"
+        stay_on_loopback(os.environ)
     import ray
 
     if ray.is_initialized():
@@ -41,9 +39,7 @@ def init_ray(cfg: RayConfig) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.pop("RAY_ADDRESS", None)
     if is_loopback(cfg.node_ip_address):
-        from ray._private import ray_constants
-
-        ray_constants.ENABLE_RAY_CLUSTER = False  # ray was imported before the switch was set
+        stay_on_loopback(os.environ)  # again: ray may have been imported before the switch
     store = int(cfg.object_store_memory_gb * 2**30) if cfg.object_store_memory_gb else None
     context = ray.init(
         num_cpus=cfg.num_cpus,
@@ -55,6 +51,23 @@ def init_ray(cfg: RayConfig) -> None:
     )
     if cfg.include_dashboard and context.dashboard_url:
         logger.info("Ray dashboard: http://%s", context.dashboard_url)
+
+
+def stay_on_loopback(env: MutableMapping[str, str]) -> None:
+    """Keep a one-machine Ray cluster on 127.0.0.1: set Ray's single-machine switch in `env`
+    (the environment of this process or of the Ray processes it starts) and, if ray is already
+    imported here, in its constants.
+
+    Ray turns a loopback node address into the machine's network address unless it runs as a
+    single-machine cluster; its gRPC servers then listen on every interface. The switch (read
+    when ray is imported, and inherited by the processes Ray starts) keeps the node address, and
+    with it every listening socket, on loopback.
+    """
+    env[_SINGLE_MACHINE_ENV] = "0"
+    if env is os.environ and "ray" in sys.modules:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def is_loopback(address: str) -> bool:

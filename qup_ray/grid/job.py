@@ -26,6 +26,7 @@ from pathlib import Path
 from qup_ray.config import ClusterConfig, ExperimentConfig
 from qup_ray.grid import ray_cluster
 from qup_ray.grid.plan import Resources
+from qup_ray.ray_session import is_loopback, stay_on_loopback
 from qup_ray.rundir import write_json
 
 logger = logging.getLogger(__name__)
@@ -104,6 +105,8 @@ class StageJob:
         ray_cluster.stop_own_processes(settings["temp_dir"], timeout_s=5)
         ports = ray_cluster.pick_ports(env.job_id, cl.ray_port_range, cl.ray_port_block)
         node_ip = ray_cluster.node_ip_for(env.hostnames[0], env.num_nodes > 1)
+        if is_loopback(node_ip):  # this driver must see the node on 127.0.0.1 too
+            stay_on_loopback(os.environ)
         node = ray_cluster.start_node(head_address=None, node_ip=node_ip, ports=ports, **settings)
         t0 = time.time()
         try:

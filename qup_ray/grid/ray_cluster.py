@@ -33,6 +33,8 @@ from pathlib import Path
 
 import psutil
 
+from qup_ray.ray_session import is_loopback, stay_on_loopback
+
 logger = logging.getLogger(__name__)
 
 MAX_SOCKET_PATH = 107
@@ -200,10 +202,13 @@ def start_node(
         ]  # fmt: skip
     else:
         cmd.append(f"--address={head_address}")
+    env = ray_env()
+    if is_loopback(node_ip):  # a one-node job: every Ray socket on 127.0.0.1, none public
+        stay_on_loopback(env)
     log_path = temp_dir.parent / f"{temp_dir.name}.log"
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=ray_env(), start_new_session=True
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
     return RayNode(process, temp_dir, log_path)
 
