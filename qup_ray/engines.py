@@ -237,7 +237,9 @@ def engine_pool(
         fn_constructor_kwargs={"role_class": role_class, "role_kwargs": role_kwargs, "role": role,
                                "events_dir": str(events_dir or tempfile.mkdtemp(prefix="qup-pool-")),
                                "fault_spec": faults.from_env()},
-        compute=ray.data.ActorPoolStrategy(size=engine.num_actors),
+        # Isolating, an actor holds one row at a time: its death then blames that row alone.
+        compute=ray.data.ActorPoolStrategy(size=engine.num_actors,
+                                           max_tasks_in_flight_per_actor=1 if isolating else None),
         num_gpus=engine.num_gpus_per_actor, num_cpus=engine.num_cpus_per_actor,
         batch_size=1 if isolating else batch_size or engine.batch_size,
         # Isolating, each row has its own retries: the actor itself may die any number of times.
@@ -286,8 +288,9 @@ def run_engine_pool(
     try:
         return results(rows, isolating=False), []
     except Exception as error:  # a batch crashed its actor past its retries: find its rows
-        logger.warning("%s pool failed (%s); redoing its rows one at a time", role, error)
-        why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        why = f"{type(error).__name__}: {error}"[:500]
+    gc.collect()  # the failed pipeline (held by the traceback until now) frees its actors
+    logger.warning("%s pool failed (%s); redoing its rows one at a time", role, why)
     with tolerating_crashes():
         done = {row[key]: row for row in results(rows, isolating=True)}
     crashed = [

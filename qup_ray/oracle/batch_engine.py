@@ -7,6 +7,7 @@ reaches the driver, so an interrupted run loses at most the batches in flight.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -85,14 +86,18 @@ def run_engine_requests(
 
             try:
                 generate(rows, isolating=False)
+                failure = None
             except Exception as error:  # a batch crashed its actor past its retries
+                failure = f"{type(error).__name__}: {error}"[:500]
+            if failure is not None:
+                gc.collect()  # the failed pipeline (held by the traceback) frees its actors
                 logger.warning("oracle engine pool failed (%s); redoing its requests one at a "
-                               "time", error)  # fmt: skip
+                               "time", failure)  # fmt: skip
                 with tolerating_crashes():
                     generate([r for r in rows if r["cache_key"] not in stored], isolating=True)
                 for r in rows:
                     if r["cache_key"] not in stored:
-                        unanswered[r["cache_key"]] = f"engine_crash: {type(error).__name__}"
+                        unanswered[r["cache_key"]] = f"engine_crash: {failure}"
     return [
         _unanswered(r.key, unanswered[k])
         if k in unanswered

@@ -14,6 +14,7 @@ streams/<student>/slm_rft/stream.parquet, each with its manifest.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
@@ -138,15 +139,20 @@ def generate(cfg: ExperimentConfig, student: str, model_path: str, requests: lis
     pools = [PoolEvents.fresh(stage.shard_dir / "engine_events")]
     try:
         write_shards(cfg, student, model_path, pending, stage, fmt, pools[0])
+        failure = None
     except Exception as error:  # any pipeline failure: find the crashing rows
+        failure = f"{type(error).__name__}: {error}"[:500]
+    if failure is not None:
+        # Out of the except block, the failed pipeline (held by the traceback) can go, and
+        # its actors give their CPUs and GPUs back.
+        gc.collect()
         logger.warning("%s: generation failed (%s); redoing the unfinished shards one request "
-                       "per batch", stage.dir, error)  # fmt: skip
+                       "per batch", stage.dir, failure)  # fmt: skip
         finished = stage.finished_shards()
         todo = [q for q in pending if q["shard"] not in finished]
         pools.append(PoolEvents.fresh(stage.shard_dir / "engine_events"))
         with tolerating_crashes():
-            why = f"{type(error).__name__}: {error}"[:500]
-            write_shards(cfg, student, model_path, todo, stage, fmt, pools[-1], error=why)
+            write_shards(cfg, student, model_path, todo, stage, fmt, pools[-1], error=failure)
     num_actors = cfg.students[student].engine.num_actors
     totals = Counter()
     for events in pools:
