@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from qup_ray.config import ExperimentConfig, default_cache_root
+from qup_ray.config import DatasetSource, ExperimentConfig, default_cache_root
 from qup_ray.rundir import StageError, read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def fetch_items(cfg: ExperimentConfig) -> list[FetchItem]:
         else:
             items.append(FetchItem(kind, name, path, "model", revision))
 
-    def dataset(kind: str, name: str, source) -> None:
+    def dataset(kind: str, name: str, source: DatasetSource) -> None:
         if source.kind == "synthetic":
             items.append(
                 FetchItem(kind, name, "synthetic", "dataset", None, "built locally, not fetched")
