@@ -90,7 +90,8 @@ def test_paper_config_matches_the_paper():
     assert {m.family for m in cfg.students.values()} == {"qwen2.5", "llama3", "deepseek"}
     assert (cfg.rollouts.num_samples_per_problem, cfg.rollouts.temperature) == (8, 1.0)
     assert set(cfg.streams.enabled) == {
-        "slm_rft", "oracle_refined", "oracle_synthesized", "numina_subset", "style_aligned"
+        "slm_rft", "oracle_refined", "oracle_synthesized", "numina_subset", "style_aligned",
+        "slm_min_ppl", "compat_select", "reward_select",  # issue 18's selection streams
     }  # fmt: skip
     assert len(cfg.scoring.reward_models) == 3
     t = cfg.training

@@ -22,8 +22,8 @@ def cfg(tmp_path: Path):
 def test_cells_are_base_students_then_train_cells(cfg):
     cells = eval_cells(cfg)
     assert cells[:2] == ["tiny-qwen/base/base", "tiny-llama/base/base"]
-    # 2 students x 5 streams x 2 objectives trained models after the two base students.
-    assert len(cells) == 2 + 20 and "tiny-llama/style_aligned_rule/dft" in cells
+    # 2 students x 8 streams x 2 objectives trained models after the two base students.
+    assert len(cells) == 2 + 32 and "tiny-llama/style_aligned_rule/dft" in cells
     no_base = load_config(CONFIGS_DIR / "dryrun.yaml", ["evaluation.evaluate_base=false"])
     assert eval_cells(no_base) == cells[2:]
 

@@ -54,9 +54,10 @@ def test_paper_plan_has_every_cell_with_its_dependencies(paper, slurm, tmp_path:
     jobs = {j.name: j for j in plan.jobs}
     objectives = ["sft", "dft", "sft-lr2e-05-bs128", "dft-lr2e-05-bs128"]
     streams = ["slm_rft", "oracle_refined", "oracle_synthesized", "numina_subset",
-               "style_aligned_gpt-5.2", "style_aligned_qwen2.5-72b"]  # fmt: skip
+               "style_aligned_gpt-5.2", "style_aligned_qwen2.5-72b", "slm_min_ppl", "compat_select",
+               "reward_select"]  # fmt: skip
     cells = [f"{s}/{st}/{o}" for s in paper.students for st in streams for o in objectives]
-    assert len(cells) == 3 * 6 * 4 == 72
+    assert len(cells) == 3 * 9 * 4 == 108
     expected = ["problems", "rollouts", "streams", "score"]
     expected += [f"{kind}/{c}" for c in cells for kind in ("train", "eval")]
     expected += [f"eval/{s}/base/base" for s in paper.students] + ["report"]
@@ -84,11 +85,14 @@ def test_gpu_hours_follow_the_config_sizes(paper, slurm, tmp_path: Path):
     assert jobs["rollouts"].gpu_hours == pytest.approx(rollouts)
     problem_set = round(100_000 * 0.34)
     # Only the open 72B oracle (style_aligned_qwen2.5-72b) runs on GPUs: one trace per problem
-    # per student.
-    assert jobs["streams"].gpu_hours == pytest.approx(3 * problem_set * tokens / 150 / 3600)
+    # per student; the selection streams score their pool (8 samples + 6 stream traces per
+    # problem) by perplexity (1 GPU) and RM-72B (TP 4).
+    oracle = 3 * problem_set * tokens / 150 / 3600
+    pool = 3 * 14 * problem_set * tokens * 5 / 20000 / 3600
+    assert jobs["streams"].gpu_hours == pytest.approx(oracle + pool)
     # Perplexity (1 GPU) + RM-72B (TP 4) + Skywork 8B (1) + Nemotron 70B (TP 4) per trace.
     assert jobs["score"].gpu_hours == pytest.approx(
-        3 * 6 * problem_set * tokens * 10 / 20000 / 3600
+        3 * 9 * problem_set * tokens * 10 / 20000 / 3600
     )
     train = problem_set * tokens / 6000 / 3600
     assert jobs["train/qwen2.5-math-1.5b/slm_rft/sft"].gpu_hours == pytest.approx(train)
@@ -97,7 +101,7 @@ def test_gpu_hours_follow_the_config_sizes(paper, slurm, tmp_path: Path):
     assert jobs["problems"].gpu_hours == jobs["report"].gpu_hours == 0
     total = sum(j.gpu_hours for j in plan.jobs)
     assert total == pytest.approx(rollouts + jobs["streams"].gpu_hours + jobs["score"].gpu_hours
-                                  + 72 * train + 75 * evals)  # fmt: skip
+                                  + 108 * train + 111 * evals)  # fmt: skip
 
 
 def test_measured_throughputs_replace_the_defaults(paper, slurm, tmp_path: Path):
@@ -163,13 +167,13 @@ def test_finished_jobs_are_not_resubmitted_and_nothing_waits_for_them(paper, slu
     assert jobs[f"train/{cell}"].done and not jobs[f"eval/{cell}"].done
     assert jobs[f"eval/{cell}"].depends_on == []
     assert plan.problem_set == 1234 and plan.problem_set_measured
-    assert len(plan.pending) == 72 - 1 + 75 + 1
+    assert len(plan.pending) == 108 - 1 + 111 + 1
 
 
 def test_arrays_and_slurm_dependencies(paper, slurm, tmp_path: Path):
     plan = plan_grid(paper, slurm, tmp_path)
     units = _submission_units(plan)
-    assert [len(u) for u in units] == [1, 1, 1, 1, 72, 72, 3, 1]
+    assert [len(u) for u in units] == [1, 1, 1, 1, 108, 108, 3, 1]
     ids = {"problems": "11", "rollouts": "12", "streams": "13", "score": "14"}
     arrays = {}
     train, evals, base, report = units[4:]
@@ -182,7 +186,7 @@ def test_arrays_and_slurm_dependencies(paper, slurm, tmp_path: Path):
     ids.update({j.name: f"21_{i}" for i, j in enumerate(evals)})
     ids.update({j.name: f"22_{i}" for i, j in enumerate(base)})
     dep = _dependency(report, ids, arrays)
-    assert dep.startswith("afterok:") and "14" in dep.split(":") and "21_71" in dep.split(":")
+    assert dep.startswith("afterok:") and "14" in dep.split(":") and "21_107" in dep.split(":")
 
 
 def test_unsplit_cells_make_one_train_and_one_eval_job(paper, slurm, tmp_path: Path):
@@ -190,7 +194,7 @@ def test_unsplit_cells_make_one_train_and_one_eval_job(paper, slurm, tmp_path: P
     plan = plan_grid(paper, slurm.model_copy(update={"split_cells": False}), tmp_path)
     jobs = {j.name: j for j in plan.jobs}
     assert list(jobs) == ["problems", "rollouts", "streams", "score", "train", "eval", "report"]
-    assert len(jobs["train"].cells) == 72 and len(jobs["eval"].cells) == 75
+    assert len(jobs["train"].cells) == 108 and len(jobs["eval"].cells) == 111
     assert jobs["eval"].depends_on == ["problems", "train"]
     assert jobs["report"].depends_on == ["score", "eval"]
     by_stage = split.gpu_hours_by_stage()
@@ -209,7 +213,7 @@ def test_plan_command_prints_the_paper_grid():
     for s in paper.students:
         assert f"train/{s}/style_aligned_qwen2.5-72b/dft-lr2e-05-bs128" in out
         assert f"eval/{s}/base/base" in out
-    assert "152 jobs" in out
+    assert "224 jobs" in out
     assert "GPU-hours by stage" in out and "total" in out
     assert "from default (cluster YAML estimate.generate_tokens_per_gpu_s)" in out
     assert "1n x 8gpu 64cpu 480GB 1440min" in out

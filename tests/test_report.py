@@ -155,6 +155,8 @@ def make_run_dir(tmp_path: Path, seed: int = 0, accuracy_scale: float = 1.0, **o
         [
             f"output_dir={tmp_path}",
             "report.num_bootstrap=200",
+            # The hand-made shapes below are the paper's five streams.
+            "streams.enabled=[slm_rft, oracle_refined, oracle_synthesized, numina_subset, style_aligned]",
             "evaluation.benchmarks.synthetic_hard.source.kind=synthetic",
             *(f"{k}={v}" for k, v in overrides.items()),
         ],

@@ -196,8 +196,8 @@ def test_status_lists_every_stage_and_grid_cell(tmp_path: Path):
     assert rows["rollouts/tiny-qwen"]["state"] == "partial"
     assert rows["rollouts/tiny-qwen"]["detail"] == "1/4 shards"
     assert rows["rollouts/tiny-llama"]["state"] == "missing"
-    # 2 students x 5 streams x 2 objectives grid cells for train and eval.
-    assert sum(1 for r in rows if r.startswith("train/")) == 20
+    # 2 students x 8 streams x 2 objectives grid cells for train and eval.
+    assert sum(1 for r in rows if r.startswith("train/")) == 32
     assert "eval/tiny-llama/style_aligned_rule/dft" in rows
     assert len(rows) == len(expected_stage_dirs(cfg))
 
