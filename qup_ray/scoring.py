@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from qup_ray.config import EngineConfig, ExperimentConfig
 from qup_ray.encoding import ChatFormat
-from qup_ray.engines import VLLMPromptLogprobs, VLLMRewardScorer, engine_pool
+from qup_ray.engines import PoolEvents, VLLMPromptLogprobs, VLLMRewardScorer, engine_pool
 from qup_ray.models import engine_max_len, resolve_model
 from qup_ray.prompts import load_prompt, render_chat
 from qup_ray.rundir import RunDir, rejected_row, write_parquet
@@ -78,13 +78,16 @@ def _cache(cfg: ExperimentConfig, kind: str, name: str, identity: dict, schema: 
 
 
 def engine_batches(
-    rows: list[dict], actor: type, kwargs: dict, engine: EngineConfig, role: str
-) -> Iterator[pa.Table]:
-    """Run rows through one engine pool (`engines.engine_pool`), yielding each finished batch as
-    it completes (in completion order: results are addressed by their cache key)."""
+    rows: list[dict], actor: type, kwargs: dict, engine: EngineConfig, role: str,
+    events_dir: Path | None = None,
+) -> Iterator[pa.Table]:  # fmt: skip
+    """Run rows through one engine pool (`engines.engine_pool`, its actors' starts and batches
+    recorded in `events_dir`), yielding each finished batch as it completes (in completion
+    order: results are addressed by their cache key)."""
     import ray
 
-    ds = engine_pool(ray.data.from_items(rows), actor, kwargs, engine, role=role)
+    ds = engine_pool(ray.data.from_items(rows), actor, kwargs, engine, role=role,
+                     events_dir=events_dir)  # fmt: skip
     yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
 
 
@@ -99,7 +102,10 @@ def _score_missing(cache: ScoreCache, rows: list[dict], actor: type, kwargs: dic
                 len(rows), len({r["cache_key"] for r in rows}),
                 len({r["cache_key"] for r in rows} - set(missing)), len(missing))  # fmt: skip
     if missing:
-        for batch in engine_batches(list(missing.values()), actor, kwargs, engine, role):
+        events = PoolEvents.fresh(cache.folder / "engine_events")
+        for batch in engine_batches(
+            list(missing.values()), actor, kwargs, engine, role, events.path
+        ):
             cache.add(batch)
     return len(missing)
 

@@ -77,14 +77,15 @@ def _transformers_nll(model_path: str, rows: list[dict]) -> list[float]:
 
 
 def _pipeline(cfg: Any, model: Any, path: str, rows: list[dict]) -> dict:
+    from qup_ray.engines import run_engine_pool
     from qup_ray.ray_session import init_ray
-    from qup_ray.stages.score import run_engine_pool
 
     init_ray(cfg.ray)
     # The score stage's own actor pool, in float32.
     kwargs = {"model_path": path, "engine": model.engine.model_dump(), "dtype": "float32",
               "cache_dir": str(cfg.cache_root())}  # fmt: skip
-    scored = run_engine_pool(rows, with_batch_start(VLLMPromptLogprobs), kwargs, model.engine)
+    scored, _ = run_engine_pool(rows, with_batch_start(VLLMPromptLogprobs), kwargs, model.engine,
+                                role="score", key="key")  # fmt: skip
     return {
         "tokens": sum(len(r["input_ids"]) for r in rows),
         "seconds": pipeline_seconds(r["batch_started_at"] for r in scored),
@@ -108,7 +109,7 @@ def run(
     rows = []
     for t in _traces(64 if quick else 512):
         ids, start = fmt.example(t["problem"], t["trace"])
-        rows.append({"input_ids": ids, "response_start": start})
+        rows.append({"key": str(len(rows)), "input_ids": ids, "response_start": start})
     engine = model.engine.model_dump()
     cache_dir = str(cfg.cache_root())
     result, _, pipe = alternate_rounds(

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from qup_ray.config import EngineConfig, ExperimentConfig
+from qup_ray.config import ExperimentConfig
 from qup_ray.prompts import load_prompt
 from qup_ray.rundir import (
     REJECTED_SCHEMA,
@@ -38,24 +38,6 @@ from qup_ray.scoring import PPL_FIELDS, score_ppl, score_reward, score_style
 from qup_ray.stats import summarize
 
 logger = logging.getLogger(__name__)
-
-
-def run_engine_pool(
-    rows: list[dict], actor: type, kwargs: dict, engine: EngineConfig
-) -> list[dict]:
-    """Run rows through one engine actor pool, results in input order. (`qup bench ppl` times
-    this same pipeline.)"""
-    import ray
-
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    ds = ray.data.from_items(rows).map_batches(
-        actor, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=engine.num_actors),
-        num_gpus=engine.num_gpus_per_actor, num_cpus=engine.num_cpus_per_actor, batch_size=engine.batch_size,
-    )  # fmt: skip
-    out: list[dict] = []
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        out += batch.to_pylist()
-    return out
 
 
 def run(cfg: ExperimentConfig, *, force: bool = False) -> Path:
