@@ -225,8 +225,10 @@ def grid(
         typer.echo(f"{job_id or '-':>12}  {state:<18} {name}", err=True)
 
     only = [s.strip() for s in stages.split(",")] if stages else None
-    if unknown := [s for s in only or [] if s not in STAGE_ORDER]:
-        raise ConfigError([f"--stages: not stages {unknown}; one of {', '.join(STAGE_ORDER)}"])
+    if unknown := [s for s in only or [] if s not in ("fetch", *STAGE_ORDER)]:
+        raise ConfigError(
+            [f"--stages: not stages {unknown}; one of fetch, {', '.join(STAGE_ORDER)}"]
+        )
     chosen = [c.strip() for c in cells.split(",")] if cells else None
     result = launch(
         cfg, cluster_cfg, plan_only=plan, wait=wait, progress=progress, stages=only, cells=chosen

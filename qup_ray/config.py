@@ -393,6 +393,9 @@ class TrainingConfig(StrictModel):
     checkpoint_every_steps: int = Field(50, ge=0)
     """Save a resumable checkpoint every N optimizer steps (0: only when SIGTERM/SIGUSR2 asks).
     A rerun of a killed or preempted cell resumes from its latest checkpoint."""
+    max_failures: int = Field(3, ge=0)
+    """Times Ray Train restarts the worker group when a worker dies (out of memory, a lost GPU,
+    a drained node); the restarted workers resume from the cell's latest checkpoint."""
     checkpoint_dir: str | None = None
     """Where checkpoints go: unset puts them in the cell folder (`checkpoints/`); a path puts
     them under `<checkpoint_dir>/<experiment>/<student>/<stream>/<cell>/` (a shared
@@ -778,9 +781,9 @@ def _cluster_checks(data: dict) -> list[str]:
     node_gpus = data.get("gpus_per_node", ClusterConfig.model_fields["gpus_per_node"].default)
     stages = data.get("stages")
     for name, res in (stages if isinstance(stages, dict) else {}).items():
-        if name not in STAGE_ORDER:
+        if name not in ("fetch", *STAGE_ORDER):  # fetch: the grid's download job
             problems.append(
-                f"stages.{name}: not a stage; one of {', '.join(STAGE_ORDER)} (got {name!r})"
+                f"stages.{name}: not a stage; one of fetch, {', '.join(STAGE_ORDER)} (got {name!r})"
             )
         if not isinstance(res, dict):
             continue

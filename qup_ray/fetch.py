@@ -12,6 +12,9 @@ downloaded and recorded in `<cache_root>/fetch_lock.json`; later runs load that 
 stays reproducible when the branch moves. CPU-world references and local folders are listed,
 never fetched.
 
+On a cluster the grid runs this as its first job (`fetch_for_run`, CPU only, no Ray) whenever the
+config names a hub item; `<run>/fetch/_manifest.json` then records the commit of each.
+
 Stages find their files here too (`local_snapshot`): a model or dataset missing from the cache
 under `HF_HUB_OFFLINE=1` is one `NotFetched` error naming it, which the CLI prints as one line.
 """
@@ -21,12 +24,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 from qup_ray.config import DatasetSource, ExperimentConfig, default_cache_root
-from qup_ray.rundir import StageError, read_json, write_json
+from qup_ray.rundir import Stage, StageError, read_json, stable_hash, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -294,3 +297,31 @@ def run(cfg: ExperimentConfig, *, force: bool = False) -> Path:
                     raise
         download_one(item, cache_root, force=force)
     return cache_root / LOCK_NAME
+
+
+def needs_fetch(cfg: ExperimentConfig) -> bool:
+    """True when the config names a hub model or dataset (the grid then starts with a fetch
+    job); the dry run's CPU world and local files need none."""
+    return any(item.local is None for item in fetch_items(cfg))
+
+
+def fetch_for_run(cfg: ExperimentConfig, *, force: bool = False) -> Path:
+    """The grid's fetch job: `run`, then `<run>/fetch/_manifest.json` with the commit of every
+    hub item, so the jobs after it (and a rerun of the grid) know it is done."""
+    items = fetch_items(cfg)
+    stage = Stage(cfg.run_dir / "fetch", stable_hash([asdict(i) for i in items]), force=force)
+    if stage.is_done():
+        return stage.dir
+    with stage.running():
+        cache_root = cfg.cache_root()
+        run(cfg, force=force)
+        # The snapshot folder of each item is named by the commit it holds.
+        commits = {
+            f"{i.repo_type}:{i.repo_id}": local_snapshot(
+                i.repo_id, i.repo_type, i.revision, cache_root=cache_root, download=False
+            ).name
+            for i in items
+            if i.local is None
+        }
+        stage.finish(row_counts={"items": len(commits)}, commits=commits)
+    return stage.dir

@@ -226,3 +226,32 @@ def test_a_hub_model_resolves_to_its_cached_snapshot_at_the_configured_revision(
     assert engine_max_len(student.engine.model_copy(update={"max_model_len": None}), path) == 1024
     with pytest.raises(NotFetched, match="org/other"):
         resolve_model("org/other", cfg)
+
+
+@pytest.mark.slow
+def test_the_grid_starts_with_a_fetch_job_that_records_each_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A config naming a hub item gets a CPU-only `fetch` job before `problems` (none for the
+    CPU world); the job runs without Ray and its manifest names the commit it found."""
+    from qup_ray.config import load_cluster_config, load_config
+    from qup_ray.grid import launch
+
+    for key, value in offline_env(tmp_path).items():
+        monkeypatch.setenv(key, value)  # the job's process inherits them
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    fake_hub_dataset(tmp_path / "hf" / "hub", "org/toy", {"a" * 40: [{"question": "q"}]})
+    local = load_cluster_config(CONFIGS_DIR / "clusters" / "local.yaml")
+    overrides = [f"output_dir={tmp_path / 'runs'}"]
+    assert [j.name for j in launch(load_config(CONFIGS_DIR / "dryrun.yaml", overrides), local,
+                                   plan_only=True).plan.jobs][0] == "problems"  # fmt: skip
+    cfg = load_config(CONFIGS_DIR / "dryrun.yaml", [*overrides, "problems.source.kind=hub",
+                                                    "problems.source.dataset=org/toy"])  # fmt: skip
+    plan = launch(cfg, local, plan_only=True).plan
+    jobs = {j.name: j for j in plan.jobs}
+    assert list(jobs)[0] == "fetch" and jobs["problems"].depends_on == ["fetch"]
+    result = launch(cfg, local, stages=["fetch"])
+    assert result.states == {"fetch": "COMPLETED"}
+    manifest = json.loads((cfg.run_dir / "fetch" / "_manifest.json").read_text())
+    assert manifest["commits"] == {"dataset:org/toy": "a" * 40}
+    assert launch(cfg, local, plan_only=True).plan.jobs[0].done  # a rerun skips it

@@ -58,10 +58,11 @@ def test_paper_plan_has_every_cell_with_its_dependencies(paper, slurm, tmp_path:
                "reward_select"]  # fmt: skip
     cells = [f"{s}/{st}/{o}" for s in paper.students for st in streams for o in objectives]
     assert len(cells) == 3 * 9 * 4 == 108
-    expected = ["problems", "rollouts", "streams", "score"]
+    expected = ["fetch", "problems", "rollouts", "streams", "score"]
     expected += [f"{kind}/{c}" for c in cells for kind in ("train", "eval")]
     expected += [f"eval/{s}/base/base" for s in paper.students] + ["report"]
     assert list(jobs) == expected
+    assert jobs["fetch"].depends_on == [] and jobs["problems"].depends_on == ["fetch"]
     assert jobs["rollouts"].depends_on == ["problems"]
     assert jobs["score"].depends_on == ["streams"]
     for c in cells:
@@ -72,6 +73,7 @@ def test_paper_plan_has_every_cell_with_its_dependencies(paper, slurm, tmp_path:
     assert report_deps == {"score"} | {n for n in jobs if n.startswith("eval/")}
     # Resources: cluster defaults with the stage overrides of example_slurm.yaml.
     assert jobs["problems"].resources.gpus_per_node == 0
+    assert jobs["fetch"].resources.gpus == 0 and jobs["fetch"].gpu_hours == 0
     assert jobs[f"train/{cells[0]}"].resources.timeout_min == 720
     assert jobs["rollouts"].resources.gpus == 8
     assert not any(j.done for j in plan.jobs)
@@ -159,7 +161,8 @@ def test_finished_jobs_are_not_resubmitted_and_nothing_waits_for_them(paper, slu
     # A finished cell whose inputs will be rebuilt (streams is pending) must rerun too.
     assert not jobs[f"train/{cell}"].done
     # With every data stage finished, the cell is skipped and its evaluation waits for nothing.
-    for folder in plan.jobs[1].outputs + plan.jobs[2].outputs + plan.jobs[3].outputs:
+    assert not jobs["fetch"].done  # pending, yet the finished problems job is not redone
+    for folder in jobs["rollouts"].outputs + jobs["streams"].outputs + jobs["score"].outputs:
         write_json(tmp_path / folder / MANIFEST, {})
     write_json(tmp_path / "problem_set" / MANIFEST, {"row_counts": {"problem_set": 1234}})
     plan = plan_grid(paper, slurm, tmp_path)
@@ -167,16 +170,16 @@ def test_finished_jobs_are_not_resubmitted_and_nothing_waits_for_them(paper, slu
     assert jobs[f"train/{cell}"].done and not jobs[f"eval/{cell}"].done
     assert jobs[f"eval/{cell}"].depends_on == []
     assert plan.problem_set == 1234 and plan.problem_set_measured
-    assert len(plan.pending) == 108 - 1 + 111 + 1
+    assert len(plan.pending) == 1 + 108 - 1 + 111 + 1  # fetch, train, eval, report
 
 
 def test_arrays_and_slurm_dependencies(paper, slurm, tmp_path: Path):
     plan = plan_grid(paper, slurm, tmp_path)
     units = _submission_units(plan)
-    assert [len(u) for u in units] == [1, 1, 1, 1, 108, 108, 3, 1]
+    assert [len(u) for u in units] == [1, 1, 1, 1, 1, 108, 108, 3, 1]
     ids = {"problems": "11", "rollouts": "12", "streams": "13", "score": "14"}
     arrays = {}
-    train, evals, base, report = units[4:]
+    train, evals, base, report = units[5:]
     assert _dependency(train, ids, arrays) == "afterok:13"
     ids.update({j.name: f"20_{i}" for i, j in enumerate(train)})
     arrays["train"] = train
@@ -193,7 +196,8 @@ def test_unsplit_cells_make_one_train_and_one_eval_job(paper, slurm, tmp_path: P
     split = plan_grid(paper, slurm, tmp_path)
     plan = plan_grid(paper, slurm.model_copy(update={"split_cells": False}), tmp_path)
     jobs = {j.name: j for j in plan.jobs}
-    assert list(jobs) == ["problems", "rollouts", "streams", "score", "train", "eval", "report"]
+    assert list(jobs) == [
+        "fetch", "problems", "rollouts", "streams", "score", "train", "eval", "report"]  # fmt: skip
     assert len(jobs["train"].cells) == 108 and len(jobs["eval"].cells) == 111
     assert jobs["eval"].depends_on == ["problems", "train"]
     assert jobs["report"].depends_on == ["score", "eval"]
@@ -213,7 +217,7 @@ def test_plan_command_prints_the_paper_grid():
     for s in paper.students:
         assert f"train/{s}/style_aligned_qwen2.5-72b/dft-lr2e-05-bs128" in out
         assert f"eval/{s}/base/base" in out
-    assert "224 jobs" in out
+    assert "225 jobs" in out  # with the fetch job
     assert "GPU-hours by stage" in out and "total" in out
     assert "from default (cluster YAML estimate.generate_tokens_per_gpu_s)" in out
     assert "1n x 8gpu 64cpu 480GB 1440min" in out

@@ -69,6 +69,10 @@ class StageJob:
         # scancel, `scontrol requeue` and at the hard limit, then SIGKILL after KillWait: stop
         # the stage at once so the Ray teardown below runs within that grace time.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        if self.stage == "fetch":  # downloads only: no Ray, one task
+            from qup_ray.fetch import fetch_for_run
+
+            return {"job": self.name, "output": str(fetch_for_run(self.cfg))}
         if env.global_rank == 0:
             return self._head(env, rendezvous)
         self._worker(env, rendezvous)

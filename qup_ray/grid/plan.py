@@ -1,6 +1,6 @@
 """The grid as jobs: one per data stage, one per training and evaluation cell, and the report.
 
-    problems -> rollouts -> streams -> score ------------------------------> report
+    [fetch ->] problems -> rollouts -> streams -> score ------------------------------> report
                                \\-> train/<cell> (array) -> eval/<cell> (array) -/
     eval/<student>/base/base (the untrained students) -------------------------/
 
@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from qup_ray.config import ClusterConfig, ExperimentConfig
+from qup_ray.fetch import needs_fetch
 from qup_ray.grid.estimate import problem_set_size, stage_gpu_hours, throughputs
 from qup_ray.rundir import MANIFEST, eval_cells, train_cells, train_streams
 from qup_ray.selection import SELECTION_STREAMS
@@ -146,11 +147,16 @@ def plan_grid(
 
     def add(name: str, stage: str, job_cells, outputs, deps, array=None, cells: int = 1) -> None:
         res = stage_resources(cluster, stage)
-        hours = cells * stage_gpu_hours(stage, cfg, cluster, rates, ps) if res.gpus else 0.0
+        gpu_work = res.gpus and stage != "fetch"
+        hours = cells * stage_gpu_hours(stage, cfg, cluster, rates, ps) if gpu_work else 0.0
         done = all((root / o / MANIFEST).is_file() for o in outputs)
         jobs[name] = Job(name, stage, job_cells, outputs, deps, res, hours, array, done)
 
+    # Models and datasets are downloaded once, by a CPU job, before any GPU job waits on them.
     previous: list[str] = []
+    if needs_fetch(cfg):
+        add("fetch", "fetch", None, ["fetch"], [])
+        previous = ["fetch"]
     for stage in DATA_STAGES:
         add(stage, stage, None, _data_outputs(cfg, stage), previous)
         previous = [stage]
@@ -175,9 +181,10 @@ def plan_grid(
             ["problems", "train"], cells=len(base) + len(trained))  # fmt: skip
     add("report", "report", None, ["report"],
         ["score", *(n for n, j in jobs.items() if j.stage == "eval")])  # fmt: skip
-    # A job must rerun when something it depends on reruns (its inputs change).
+    # A job must rerun when something it depends on reruns (its inputs change); fetching again
+    # changes nothing (the revisions are pinned or locked).
     for job in jobs.values():
-        if job.done and any(not jobs[d].done for d in job.depends_on):
+        if job.done and any(not jobs[d].done for d in job.depends_on if d != "fetch"):
             job.done = False
     if stages is not None:
         jobs = {n: j for n, j in jobs.items() if j.stage in stages}

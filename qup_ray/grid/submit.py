@@ -279,8 +279,9 @@ def launch(
 
     run = RunDir.for_config(cfg)
     if not plan_only:
-        built = [s for s in stages or STAGE_ORDER if is_built(s)]
-        if missing := [s for s in stages or STAGE_ORDER if s not in built]:
+        wanted = stages or ["fetch", *STAGE_ORDER]  # fetch: a job, not a stage module
+        built = [s for s in wanted if s == "fetch" or is_built(s)]
+        if missing := [s for s in wanted if s not in built]:
             logger.warning("grid: stages not built in this version, not submitted: %s", missing)
         stages = built
     if wait is None:
