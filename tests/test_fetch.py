@@ -243,13 +243,13 @@ def test_the_grid_starts_with_a_fetch_job_that_records_each_commit(
     fake_hub_dataset(tmp_path / "hf" / "hub", "org/toy", {"a" * 40: [{"question": "q"}]})
     local = load_cluster_config(CONFIGS_DIR / "clusters" / "local.yaml")
     overrides = [f"output_dir={tmp_path / 'runs'}"]
-    assert [j.name for j in launch(load_config(CONFIGS_DIR / "dryrun.yaml", overrides), local,
-                                   plan_only=True).plan.jobs][0] == "problems"  # fmt: skip
+    cpu_world = launch(load_config(CONFIGS_DIR / "dryrun.yaml", overrides), local, plan_only=True)
+    assert cpu_world.plan.jobs[0].name == "problems"
     cfg = load_config(CONFIGS_DIR / "dryrun.yaml", [*overrides, "problems.source.kind=hub",
                                                     "problems.source.dataset=org/toy"])  # fmt: skip
     plan = launch(cfg, local, plan_only=True).plan
     jobs = {j.name: j for j in plan.jobs}
-    assert list(jobs)[0] == "fetch" and jobs["problems"].depends_on == ["fetch"]
+    assert plan.jobs[0].name == "fetch" and jobs["problems"].depends_on == ["fetch"]
     result = launch(cfg, local, stages=["fetch"])
     assert result.states == {"fetch": "COMPLETED"}
     manifest = json.loads((cfg.run_dir / "fetch" / "_manifest.json").read_text())
