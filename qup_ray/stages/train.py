@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from qup_ray import faults
 from qup_ray.config import REPO_ROOT, ExperimentConfig
 from qup_ray.models import resolve_model
 from qup_ray.rundir import RunDir, Stage, StageError, read_json, train_cell_settings, train_streams
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 # Fields that change how fast training runs or where files go, never its result.
 _NOT_HASHED = {"checkpoint_every_steps", "checkpoint_dir", "tensorboard", "cpus_per_worker",
-               "gpus_per_worker", "streams", "objectives", "robustness"}  # fmt: skip
+               "gpus_per_worker", "streams", "objectives", "robustness", "max_failures"}  # fmt: skip
 
 
 class TrainingInterrupted(StageError):
@@ -176,7 +177,8 @@ def trainer_for(cfg: ExperimentConfig, loop_config: dict, storage: Path):
         run_config=RunConfig(
             name=f"train-{uuid.uuid4().hex[:8]}",
             storage_path=str(storage.resolve()),
-            failure_config=FailureConfig(max_failures=0),
+            # A dead worker restarts the whole group; the loop resumes from the checkpoint.
+            failure_config=FailureConfig(max_failures=cfg.training.max_failures),
         ),
     )
 
@@ -198,6 +200,9 @@ def run(cfg: ExperimentConfig, *, force: bool = False, cells: list[str] | None =
         "deepspeed": deepspeed_template(cfg),
         "cache_dir": str(cfg.cache_root().resolve()),
         "stop_file": str(stop_file.resolve()),
+        # Each start of the worker group leaves a file here: starts beyond the first are restarts.
+        "events_dir": str((out / "_ray" / f"events-{uuid.uuid4().hex[:12]}").resolve()),
+        "fault_spec": faults.from_env(),
     }
     with contextlib.ExitStack() as stack:
         for stage, spec in pending:
@@ -206,10 +211,11 @@ def run(cfg: ExperimentConfig, *, force: bool = False, cells: list[str] | None =
             Path(spec.checkpoint_dir).mkdir(parents=True, exist_ok=True)
         seen = stack.enter_context(stop_on_signals(stop_file))
         trainer_for(cfg, loop_config, out / "_ray").fit()
+    restarts = max(0, len(list(Path(loop_config["events_dir"]).glob("start-*"))) - 1)
     finished = 0
     for stage, spec in pending:
         if (Path(spec.cell_dir) / "_train_summary.json").is_file():
-            _finish_cell(cfg, stage, spec.cell_id, spec.checkpoint_dir)
+            _finish_cell(cfg, stage, spec.cell_id, spec.checkpoint_dir, restarts)
             finished += 1
     if finished < len(pending):
         raise TrainingInterrupted(
@@ -221,9 +227,11 @@ def run(cfg: ExperimentConfig, *, force: bool = False, cells: list[str] | None =
 
 
 def _finish_cell(
-    cfg: ExperimentConfig, stage: Stage, cell_id: str, checkpoint_dir: str | None
-) -> None:
-    """The cell's manifest (written last); its checkpoints are no longer needed."""
+    cfg: ExperimentConfig, stage: Stage, cell_id: str, checkpoint_dir: str | None,
+    worker_restarts: int = 0,
+) -> None:  # fmt: skip
+    """The cell's manifest (written last, with the worker-group restarts of the run that
+    trained it); its checkpoints are no longer needed."""
     summary = read_json(stage.dir / "_train_summary.json")
     if checkpoint_dir:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -234,4 +242,5 @@ def _finish_cell(
                                              "dropped_tail", "steps")},
         cell=cell_id, objective=objective,
         loss_normalization=cfg.training.loss_normalization, training=summary,
+        faults={"worker_restarts": worker_restarts},
     )  # fmt: skip

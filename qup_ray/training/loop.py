@@ -16,6 +16,13 @@ Stopping early: when the stop file named in the config appears (the driver creat
 SIGTERM/SIGUSR2), the ranks agree at the next step boundary, save a checkpoint and return; a
 rerun loads the latest checkpoint (weights, optimizer, schedule, metrics so far) and continues
 with the same plan, ending with the same weights as an unbroken run.
+
+A dying worker: Ray Train restarts the whole worker group (`training.max_failures`) and runs
+this loop again; it skips the cells already exported and resumes the current one from its
+latest checkpoint in the same way (the checkpoints live in the cell's folder, not in Ray's
+storage, so `ray.train.get_checkpoint()` is not needed: a rerun by hand and a restart by Ray
+resume alike). Steps after that checkpoint are recomputed with the same plan, so the weights
+equal an unbroken run's. `qup_ray.faults` can kill a worker at a chosen step to drill this.
 """
 
 from __future__ import annotations
@@ -29,9 +36,12 @@ import os
 import resource
 import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from qup_ray import faults
 
 logger = logging.getLogger(__name__)
 
@@ -104,10 +114,24 @@ def train_loop_per_worker(config: dict) -> None:
     # Ray logs every metrics report at INFO; the progress bar and metrics.parquet carry them.
     logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
     ctx = ray.train.get_context()
-    for spec in config["cells"]:
-        outcome = train_cell(CellSpec(**spec), config, ctx.get_world_rank(), ctx.get_world_size())
+    if ctx.get_world_rank() == 0 and config.get("events_dir"):
+        events = Path(config["events_dir"])
+        events.mkdir(parents=True, exist_ok=True)
+        (events / f"start-{uuid.uuid4().hex}").touch()
+    for spec in (CellSpec(**s) for s in config["cells"]):
+        if _trained(spec):  # a restarted worker group skips the cells already exported
+            continue
+        outcome = train_cell(spec, config, ctx.get_world_rank(), ctx.get_world_size())
         if outcome == "stopped":
             return
+
+
+def _trained(spec: CellSpec) -> bool:
+    """The cell's model is exported (its summary, written after the export, is there)."""
+    summary = Path(spec.cell_dir) / "_train_summary.json"
+    return (
+        summary.is_file() and json.loads(summary.read_text()).get("config_hash") == spec.config_hash
+    )
 
 
 def _stop_requested(stop_file: str | None, device: Any) -> bool:
@@ -248,6 +272,7 @@ def train_cell(spec: CellSpec, config: dict, rank: int, world_size: int) -> str:
                 bar.set_postfix(ce=f"{row['ce']:.3f}", loss=f"{row['loss']:.4f}")
         if every and (step + 1) % every == 0 and step + 1 < total_steps:
             _save_checkpoint(engine, spec, step + 1, metrics_rows, rank)
+        faults.train_step(config.get("fault_spec"), rank, step + 1, spec.cell_dir)
     if bar is not None:
         bar.close()
     if writer is not None:
