@@ -18,15 +18,27 @@ pytestmark = pytest.mark.cluster
 # Started the way a stage starts Ray (`init_ray`), in a process of its own so the test process
 # keeps no Ray state. `ray` is imported first, as the stages do, before `init_ray` runs. A task
 # and an actor make Ray start worker processes (each has its own gRPC server).
-DRIVER = textwrap.dedent(
-    """
-    import json, os, socket, time
-    import psutil
+START = """
     import ray
     from qup_ray.config import RayConfig
     from qup_ray.ray_session import init_ray
 
     init_ray(RayConfig(num_cpus=1))
+"""
+# A one-node grid job's driver: it joins the `ray start` head of its job (grid/job.py).
+JOIN = """
+    import os, sys
+    from qup_ray.ray_session import stay_on_loopback
+
+    stay_on_loopback(os.environ)
+    import ray
+
+    ray.init(address=sys.argv[1])
+"""
+# Then: a task and an actor, and every bound socket of this process and its children.
+PROBE = """
+    import json, os, socket, time
+    import psutil
 
     @ray.remote(num_cpus=0)
     class Probe:
@@ -54,8 +66,7 @@ DRIVER = textwrap.dedent(
     print("SOCKETS " + json.dumps({"bound": bound,
                                    "node_ip": ray.util.get_node_ip_address()}))
     ray.shutdown()
-    """
-)
+"""
 
 
 def _loopback_or_mapped(ip: str) -> bool:
@@ -63,19 +74,18 @@ def _loopback_or_mapped(ip: str) -> bool:
     return is_loopback(ip.removeprefix("::ffff:"))
 
 
-def test_every_listening_socket_of_a_local_ray_cluster_is_on_loopback(tmp_path):
+def _probe(start: str, tmp_path, *args: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    out = subprocess.run(
-        [sys.executable, "-c", DRIVER],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-        env=env,
-    )
+    driver = textwrap.dedent(start) + textwrap.dedent(PROBE)
+    out = subprocess.run([sys.executable, "-c", driver, *args], capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path, env=env)  # fmt: skip
     lines = [line for line in out.stdout.splitlines() if line.startswith("SOCKETS ")]
     assert out.returncode == 0 and lines, out.stderr[-3000:]
-    result = json.loads(lines[-1].removeprefix("SOCKETS "))
+    return json.loads(lines[-1].removeprefix("SOCKETS "))
+
+
+def test_every_listening_socket_of_a_local_ray_cluster_is_on_loopback(tmp_path):
+    result = _probe(START, tmp_path)
     bound = result["bound"]
     names = {s["name"] for s in bound}
     # The cluster really ran: its GCS, raylet and dashboard listen (so the check is not vacuous).
@@ -83,6 +93,38 @@ def test_every_listening_socket_of_a_local_ray_cluster_is_on_loopback(tmp_path):
     assert any(s["port"] == 8265 or "Dashboard" in s["name"] for s in bound), bound
     exposed = [s for s in bound if not _loopback_or_mapped(s["ip"])]
     assert exposed == [], f"Ray services bound beyond loopback: {exposed}"
+    assert result["node_ip"] == "127.0.0.1"
+
+
+def test_a_one_node_grid_job_cluster_listens_on_loopback_only(tmp_path):
+    """The `ray start` head a grid job starts (grid/job.py), and its driver joining it."""
+    import psutil
+
+    from qup_ray.grid import ray_cluster
+
+    temp_dir = ray_cluster.temp_dir_for(f"lo{os.getpid()}", "/tmp")
+    ports = ray_cluster.pick_ports(temp_dir.name, (20000, 60000), 200)
+    node = ray_cluster.start_node(
+        head_address=None, node_ip="127.0.0.1", ports=ports, temp_dir=temp_dir, num_cpus=1,
+        num_gpus=0, object_store_bytes=2**28, dashboard_host="127.0.0.1",
+    )  # fmt: skip
+    try:
+        ray_cluster.wait_for_port("127.0.0.1", ports.port("gcs"), node)
+        result = _probe(JOIN, tmp_path, f"127.0.0.1:{ports.port('gcs')}")
+        bound = list(result["bound"])
+        for proc in ray_cluster.own_processes(temp_dir, session=node.process.pid):
+            try:
+                conns, name = proc.net_connections(kind="inet"), proc.name()
+            except psutil.Error:
+                continue
+            bound += [{"name": name, "ip": c.laddr.ip, "port": c.laddr.port} for c in conns
+                      if c.status == psutil.CONN_LISTEN]  # fmt: skip
+    finally:
+        node.stop()
+        ray_cluster.remove_temp_dir(temp_dir)
+    assert {"gcs_server", "raylet"} <= {s["name"] for s in bound}, bound
+    exposed = [s for s in bound if not _loopback_or_mapped(s["ip"])]
+    assert exposed == [], f"Ray services of a grid job bound beyond loopback: {exposed}"
     assert result["node_ip"] == "127.0.0.1"
 
 
