@@ -22,7 +22,9 @@ from qup_ray.rundir import MANIFEST
 from qup_ray.selection import OWN_SAMPLES, SELECTION_STREAMS
 from qup_ray.stages import STAGE_ORDER, is_built
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+# The dry run (a session fixture) trains and evaluates 2 students x 8 streams x 2 objectives:
+# longer than the suite's default per-test timeout on a loaded 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(2400)]
 
 # Small enough for CI on 2 cores; shards of 8 problems so resume has several shards.
 OVERRIDES = ["problems.num_problems=32", "rollouts.shard_size=8", "scoring.num_bootstrap=100"]
