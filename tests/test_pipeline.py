@@ -352,7 +352,7 @@ def test_rollouts_resume_after_kill_equals_unbroken_run(tmp_path: Path, dryrun_d
     """Kill `qup run rollouts` after its first shard; the rerun finishes the rest, and its output
     equals the dry run's uninterrupted rollouts."""
     overrides = [f"output_dir={tmp_path}", *OVERRIDES, "students={tiny-qwen: " + json.dumps(cfg.students["tiny-qwen"].model_dump(mode="json")) + "}",
-                 "scoring.reward_models=[]", "reward_models={}"]  # fmt: skip
+                 "scoring.reward_models=[]", "reward_models={}", "streams.enabled=[slm_rft]"]  # fmt: skip
     assert (
         qup("run", "problems", "-c", str(CONFIGS_DIR / "dryrun.yaml"), *overrides).returncode == 0
     )
