@@ -107,34 +107,28 @@ def unbroken_rollouts(tmp_path_factory: pytest.TempPathFactory, cpu_world) -> Pa
 
 @pytest.mark.slow
 @pytest.mark.cluster
-def test_rollouts_survive_a_killed_generation_actor(tmp_path: Path, unbroken_rollouts: Path):
-    stage = _rollouts(tmp_path, fault="engine:rollouts:after_batches=1")
-    want = _rows(unbroken_rollouts)
-    assert len(want) == 6 * 2
-    assert _rows(stage) == want  # per-request seeds: the redone batch gives the same samples
-    m = read_json(stage / MANIFEST)
-    assert m["faults"]["actor_restarts"] >= 1 and m["faults"]["retried_batches"] >= 1
-    assert m["faults"]["isolated_rows"] == 0 and m["row_counts"]["rejected"] == 0
-    cfg = load_config(stage.parents[1] / "config.yaml")
-    status = {r["path"]: r for r in RunDir.for_config(cfg).status(cfg)}
-    assert "actor_restarts=" in status["rollouts/tiny-qwen"]["detail"]
-
-
-@pytest.mark.slow
-@pytest.mark.cluster
-def test_a_poison_request_is_rejected_and_every_other_row_is_there(
+def test_rollouts_survive_a_killed_actor_and_isolate_a_poison_request(
     tmp_path: Path, unbroken_rollouts: Path
 ):
+    """One run, two faults: the generation actor dies once on its second batch (Ray restarts it
+    and redoes the batch: the same samples, per-request seeds), and one request kills its actor
+    every time (its batch fails past its retry, the missing rows are redone one by one, and
+    that request alone ends in rejected)."""
     want = _rows(unbroken_rollouts)
-    poison = sorted({r["problem_id"] for r in want})[2]
-    # No retries: the poison batch fails the pipeline at once, its rows are redone one by one.
-    stage = _rollouts(tmp_path, fault=f"engine:rollouts:poison={poison}", retries=0)
+    assert len(want) == 6 * 2
+    poison = sorted({r["problem_id"] for r in want})[4]  # in the third batch, not the second
+    fault = f"engine:rollouts:after_batches=1;engine:rollouts:poison={poison}"
+    stage = _rollouts(tmp_path, fault=fault)
     assert _rows(stage) == [r for r in want if r["problem_id"] != poison]
     rejected = read_parquet(stage / "rejected.parquet").to_pylist()
     assert [(r["problem_id"], r["reason"]) for r in rejected] == [(poison, "engine_crash")]
     assert rejected[0]["error"]
     m = read_json(stage / MANIFEST)
-    assert m["faults"]["isolated_rows"] == 1 and m["faults"]["actor_restarts"] >= 1
+    assert m["faults"]["actor_restarts"] >= 2 and m["faults"]["retried_batches"] >= 1
+    assert m["faults"]["isolated_rows"] == 1 and m["row_counts"]["rejected"] == 1
+    cfg = load_config(stage.parents[1] / "config.yaml")
+    status = {r["path"]: r for r in RunDir.for_config(cfg).status(cfg)}
+    assert "actor_restarts=" in status["rollouts/tiny-qwen"]["detail"]
 
 
 # ---- engine actors: score ---------------------------------------------------------------------
