@@ -347,6 +347,8 @@ def run(cfg: ExperimentConfig, *, force: bool = False) -> Path:
     if not problems_path.is_file():
         raise StageError(f"{problems_path} not found: run `qup run problems` first")
     problems = read_parquet(problems_path).to_pylist()
+    for model in cfg.students.values():  # a model missing offline stops here, before Ray starts
+        resolve_model(model.path, cfg)
     init_ray(cfg.ray)
     for student in cfg.students:
         run_student(cfg, run_dir, student, problems, force)
