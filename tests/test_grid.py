@@ -23,7 +23,7 @@ from qup_ray.config import (
 from qup_ray.grid import plan_grid
 from qup_ray.grid.ray_cluster import NUM_FIXED_PORTS, pick_ports, temp_dir_for
 from qup_ray.grid.submit import _dependency, _submission_units
-from qup_ray.rundir import MANIFEST, write_json, write_parquet
+from qup_ray.rundir import MANIFEST, RunDir, write_json, write_parquet
 
 PAPER = CONFIGS_DIR / "paper.yaml"
 SLURM = CONFIGS_DIR / "clusters" / "example_slurm.yaml"
@@ -171,6 +171,21 @@ def test_finished_jobs_are_not_resubmitted_and_nothing_waits_for_them(paper, slu
     assert jobs[f"eval/{cell}"].depends_on == []
     assert plan.problem_set == 1234 and plan.problem_set_measured
     assert len(plan.pending) == 1 + 108 - 1 + 111 + 1  # fetch, train, eval, report
+
+
+def test_a_config_edit_resubmits_and_a_throughput_edit_does_not(paper, slurm, tmp_path: Path):
+    for job in plan_grid(paper, slurm, tmp_path).jobs:
+        for folder in job.outputs:
+            write_json(tmp_path / folder / MANIFEST, {"row_counts": {"problem_set": 100}})
+    RunDir(tmp_path).save_config(paper)
+    assert plan_grid(paper, slurm, tmp_path).pending == []
+    faster = load_config(PAPER, ["ray.num_cpus=4"])
+    for student in faster.students.values():
+        student.engine.num_actors, student.engine.batch_size = 2, 8
+    assert plan_grid(faster, slurm, tmp_path).pending == []
+    hotter = load_config(PAPER, ["rollouts.temperature=0.7"])
+    plan = plan_grid(hotter, slurm, tmp_path)
+    assert len(plan.pending) == len(plan.jobs)  # the stages then decide what really changed
 
 
 def test_arrays_and_slurm_dependencies(paper, slurm, tmp_path: Path):

@@ -4,9 +4,11 @@
                                \\-> train/<cell> (array) -> eval/<cell> (array) -/
     eval/<student>/base/base (the untrained students) -------------------------/
 
-A job is finished when every folder it writes has its `_manifest.json`; finished jobs are left
-out of a submission and nothing waits for them, so a rerun after a failure submits only what is
-missing. Resources come from the cluster YAML (defaults, then `stages.<stage>`).
+A job is finished when every folder it writes has its `_manifest.json` and the run's saved
+config equals this one in every field that changes results; finished jobs are left out of a
+submission and nothing waits for them, so a rerun after a failure submits only what is missing,
+and a rerun after a config edit submits every job (each stage skips what its hash says is
+unchanged). Resources come from the cluster YAML (defaults, then `stages.<stage>`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from qup_ray.config import ClusterConfig, ExperimentConfig
+from qup_ray.config import (
+    ClusterConfig,
+    ConfigError,
+    ExperimentConfig,
+    load_config,
+    result_view,
+)
 from qup_ray.fetch import needs_fetch
 from qup_ray.grid.estimate import problem_set_size, stage_gpu_hours, throughputs
 from qup_ray.rundir import MANIFEST, eval_cells, train_cells, train_streams
@@ -129,6 +137,22 @@ def base_cells(cfg: ExperimentConfig) -> list[str]:
     return [c for c in eval_cells(cfg) if c.endswith("/base/base")]
 
 
+def results_config_changed(cfg: ExperimentConfig, root: Path) -> bool:
+    """True when the run's saved `config.yaml` (what its outputs were made with) differs from
+    `cfg` in a field that changes results. Throughput fields (`result_view`), the Ray
+    connection and the output folder do not count. Then every job is submitted again, and each
+    stage redoes only what its own manifest hash says changed."""
+    saved = root / "config.yaml"
+    if not saved.is_file():
+        return False
+    try:
+        before = load_config(saved)
+    except ConfigError:  # written by another version of the suite: let the stages decide
+        return True
+    keys = [k for k in result_view(cfg) if k not in ("ray", "output_dir")]
+    return before.section_hash(*keys) != cfg.section_hash(*keys)
+
+
 def plan_grid(
     cfg: ExperimentConfig,
     cluster: ClusterConfig,
@@ -141,6 +165,7 @@ def plan_grid(
     `stages` keeps only the jobs of those stages (the others are taken as run elsewhere: no job
     waits for them). `cells` keeps only the train and eval jobs of those cells."""
     root = Path(run_root) if run_root is not None else cfg.run_dir
+    changed = results_config_changed(cfg, root)
     rates = throughputs(cluster)
     ps = problem_set_size(cfg, cluster, root)
     jobs: dict[str, Job] = {}
@@ -149,7 +174,7 @@ def plan_grid(
         res = stage_resources(cluster, stage)
         gpu_work = res.gpus and stage != "fetch"
         hours = cells * stage_gpu_hours(stage, cfg, cluster, rates, ps) if gpu_work else 0.0
-        done = all((root / o / MANIFEST).is_file() for o in outputs)
+        done = not changed and all((root / o / MANIFEST).is_file() for o in outputs)
         jobs[name] = Job(name, stage, job_cells, outputs, deps, res, hours, array, done)
 
     # Models and datasets are downloaded once, by a CPU job, before any GPU job waits on them.
