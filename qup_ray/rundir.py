@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qup_ray.config import REPO_ROOT, ExperimentConfig, dump_config
+from qup_ray.selection import SELECTION_STREAMS
 
 logger = logging.getLogger(__name__)
 
@@ -424,7 +425,9 @@ def expected_stage_dirs(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     out += [("rollouts", f"rollouts/{s}") for s in cfg.students]
     out.append(("problem_set", "problem_set"))
     streams = cfg.stream_names()
-    out += [("streams", f"streams/{s}/{st}") for s in cfg.students for st in [*streams, "final"]]
+    # Selection streams have no folder of their own: they are chosen in `final`.
+    built = [st for st in streams if st not in SELECTION_STREAMS]
+    out += [("streams", f"streams/{s}/{st}") for s in cfg.students for st in [*built, "final"]]
     out += [("score", f"scores/{s}/{st}") for s in cfg.students for st in streams]
     cells, trained = train_cells(cfg), train_streams(cfg)
     out += [("train", f"train/{s}/{st}/{c}") for s in cfg.students for st in trained for c in cells]
