@@ -219,3 +219,18 @@ def cache_size(cfg: ExperimentConfig, kind: str, name: str) -> int:
     folder = RunDir.for_config(cfg).root / "score_cache" / f"{kind}-{name}"
     paths = sorted(folder.glob("shard-*.parquet")) if folder.is_dir() else []
     return sum(pq.read_metadata(p).num_rows for p in paths)
+
+
+def pool_faults(cfg: ExperimentConfig, since: float) -> dict[str, int]:
+    """Actor restarts and retried batches of every score engine pool that ran since `since`
+    (a stage's start), summed over models: what the score stage's manifest reports."""
+    total = {"actor_restarts": 0, "retried_batches": 0}
+    for events in sorted(cfg.run_dir.glob("score_cache/*/engine_events/*")):
+        if not events.is_dir() or events.stat().st_mtime < since:
+            continue
+        kind, _, name = events.parents[1].name.partition("-")
+        models = cfg.students if kind == "ppl" else cfg.reward_models
+        num_actors = models[name].engine.num_actors if name in models else 1
+        for key, value in PoolEvents(events).summary(num_actors).items():
+            total[key] += value
+    return total

@@ -143,7 +143,7 @@ def test_score_survives_a_killed_scoring_actor(tmp_path: Path, cpu_world, monkey
 
     from qup_ray.cpu_world import generate_problems
     from qup_ray.ray_session import init_ray
-    from qup_ray.scoring import score_ppl
+    from qup_ray.scoring import pool_faults, score_ppl
 
     problems = generate_problems(6, seed=5, solution_style="native")
     traces = [{"key": f"k{i}", "problem_id": f"p{i}", "problem": p["problem"], "trace": p["solution"]}
@@ -159,6 +159,9 @@ def test_score_survives_a_killed_scoring_actor(tmp_path: Path, cpu_world, monkey
     assert got == want  # the same batches on the same CPU engine: the same numbers
     (events,) = (cfg.run_dir / "score_cache" / "ppl-tiny-qwen" / "engine_events").iterdir()
     assert PoolEvents(events).summary(num_actors=1) == {"actor_restarts": 1, "retried_batches": 1}
+    # What the score stage's manifest reports (`faults`): the sum over its engine pools.
+    assert pool_faults(cfg, since=0) == {"actor_restarts": 1, "retried_batches": 1}
+    assert pool_faults(unbroken_cfg, since=0) == {"actor_restarts": 0, "retried_batches": 0}
 
 
 # ---- training workers -------------------------------------------------------------------------

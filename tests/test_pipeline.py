@@ -85,6 +85,13 @@ def test_second_dryrun_runs_nothing(dryrun_result: tuple[Path, str]):
     assert again.returncode == 0, again.stdout + again.stderr[-3000:]
     assert "0 to run" in again.stdout
     assert {p: p.stat().st_mtime for p in run_dir.rglob(MANIFEST)} == before
+    # Throughput knobs are not results: other engine actor counts and batch sizes keep it all.
+    faster = ["students.tiny-qwen.engine.num_actors=2", "students.tiny-llama.engine.batch_size=8"]
+    again = qup("dryrun", "--out", str(run_dir.parent), *OVERRIDES, *faster, timeout=600)
+    assert again.returncode == 0 and "0 to run" in again.stdout, again.stderr[-3000:]
+    assert {p: p.stat().st_mtime for p in run_dir.rglob(MANIFEST)} == before
+    restore = qup("dryrun", "--out", str(run_dir.parent), *OVERRIDES, timeout=600)  # config.yaml
+    assert restore.returncode == 0 and "0 to run" in restore.stdout
 
 
 def test_report_of_the_dry_run_has_every_table_and_plot(dryrun_dir: Path):

@@ -18,6 +18,7 @@ an interrupted run resumes from the engine batches it finished.
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from qup_ray.rundir import (
     stable_hash,
     write_json,
 )
-from qup_ray.scoring import PPL_FIELDS, score_ppl, score_reward, score_style
+from qup_ray.scoring import PPL_FIELDS, pool_faults, score_ppl, score_reward, score_style
 from qup_ray.stats import summarize
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ def run(cfg: ExperimentConfig, *, force: bool = False) -> Path:
     if not pending:
         return run_dir.root / "scores"
     init_ray(cfg.ray)
+    started = time.time()
 
     traces: dict[str, list[dict]] = defaultdict(list)  # student -> traces of its pending streams
     for student, stream, _ in pending:
@@ -85,6 +87,7 @@ def run(cfg: ExperimentConfig, *, force: bool = False) -> Path:
         logger.info("reward model %s on %d traces", rm, len(all_traces))
         for row in score_reward(cfg, rm, all_traces, rejected):
             results[row["key"]][f"reward-{rm}"] = row
+    faults = pool_faults(cfg, since=started)  # engine actors that died and were restarted
     rejected_by_key: dict[str, list[dict]] = defaultdict(list)
     for r in rejected:
         rejected_by_key[r.pop("key")].append(r)
@@ -123,7 +126,7 @@ def run(cfg: ExperimentConfig, *, force: bool = False) -> Path:
             write_json(stage.dir / "summary.json", summary)
             stage.finish(
                 row_counts={**counts, "rejected": len(stream_rejected)},
-                student=student, stream=stream, traces=len(rows),
+                student=student, stream=stream, traces=len(rows), faults=faults,
             )  # fmt: skip
     return run_dir.root / "scores"
 
