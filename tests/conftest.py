@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +29,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         skip = pytest.mark.skip(reason="needs a CUDA GPU")
         for item in gpu_items:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def layout_tokenizer_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """One small BPE trained on synthetic problems, saved in each family's tokenizer layout
+    (Qwen2.5-Math base, Llama-3, DeepSeek-R1-Distill): layout name -> folder. Seconds to build."""
+    from qup_ray.cpu_world.synthetic import sample_problems
+    from qup_ray.cpu_world.tokenizer import (
+        COT_INSTRUCTION,
+        LAYOUTS,
+        as_layout,
+        save_tokenizer,
+        train_tokenizer,
+    )
+
+    problems = sample_problems(300, seed=0)
+    texts = [COT_INSTRUCTION, *(t for p in problems for t in (p.problem, p.native, p.compact))]
+    bpe = train_tokenizer(texts, 512)
+    out = {}
+    for name, layout in LAYOUTS.items():
+        path = Path(tmp_path_factory.mktemp(name))
+        save_tokenizer(as_layout(bpe, layout), path)
+        out[name] = str(path)
+    return out

@@ -4,19 +4,13 @@ test_cpu_world_build.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from transformers import AutoTokenizer
 
-from qup_ray.cpu_world.synthetic import sample_problems
 from qup_ray.cpu_world.tokenizer import (
     COT_INSTRUCTION,
     LAYOUTS,
     SPECIAL_TOKENS,
-    as_layout,
-    save_tokenizer,
-    train_tokenizer,
 )
 
 CHAT = [
@@ -57,17 +51,11 @@ BOS_TOKENS = {"<|begin_of_text|>", "<｜begin▁of▁sentence｜>"}
 
 
 @pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory) -> dict[str, object]:
+def tokenizers(layout_tokenizer_dirs: dict[str, str]) -> dict[str, object]:
     """Each layout saved and loaded back the way engines load it (``AutoTokenizer``)."""
-    problems = sample_problems(300, seed=0)
-    texts = [COT_INSTRUCTION, *(t for p in problems for t in (p.problem, p.native, p.compact))]
-    bpe = train_tokenizer(texts, 512)
-    out = {}
-    for name, layout in LAYOUTS.items():
-        path = Path(tmp_path_factory.mktemp(name))
-        save_tokenizer(as_layout(bpe, layout), path)
-        out[name] = AutoTokenizer.from_pretrained(str(path))
-    return out
+    return {
+        name: AutoTokenizer.from_pretrained(path) for name, path in layout_tokenizer_dirs.items()
+    }
 
 
 def _bos_count(tokenizer, ids: list[int]) -> int:

@@ -4,35 +4,21 @@ of the per-token implementation (`tokenizer.decode([i])` for every token, then
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from transformers import AutoTokenizer
 
 from qup_ray.config import ScoringConfig
 from qup_ray.cpu_world.synthetic import sample_problems
 from qup_ray.cpu_world.tokenizer import (
-    COT_INSTRUCTION,
     LAYOUTS,
-    as_layout,
-    save_tokenizer,
-    train_tokenizer,
 )
 from qup_ray.scoring import style_rows
 from qup_ray.style import style_stats
 
 
 @pytest.fixture(scope="module")
-def tokenizer_paths(tmp_path_factory) -> dict[str, str]:
-    problems = sample_problems(200, seed=0)
-    texts = [COT_INSTRUCTION, *(t for p in problems for t in (p.problem, p.native, p.compact))]
-    bpe = train_tokenizer(texts, 512)
-    out = {}
-    for name, layout in LAYOUTS.items():
-        path = Path(tmp_path_factory.mktemp(name))
-        save_tokenizer(as_layout(bpe, layout), path)
-        out[name] = str(path)
-    return out
+def tokenizer_paths(layout_tokenizer_dirs: dict[str, str]) -> dict[str, str]:
+    return layout_tokenizer_dirs
 
 
 def _per_token_rows(path: str, texts: list[str], symbol_chars: str, scaffolding) -> list[dict]:
