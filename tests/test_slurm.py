@@ -59,7 +59,8 @@ def cluster_config(**changes) -> ClusterConfig:
 
 
 def experiment(out: Path, cpu_world, extra: list[str] = ()):
-    """The dry-run config cut to one student and no reward models, run under `out`."""
+    """The dry-run config cut to one student, no reward models and (unless `extra` says
+    otherwise) the slm_rft stream only, run under `out`."""
     base = load_config(CONFIGS_DIR / "dryrun.yaml")
     # Engine calls of one shard each, so shards finish one by one and a requeue lands mid-stage.
     engine = {**base.students["tiny-qwen"].engine.model_dump(mode="json"), "batch_size": SHARD_SIZE}
@@ -67,7 +68,8 @@ def experiment(out: Path, cpu_world, extra: list[str] = ()):
     overrides = [f"output_dir={out}", f"problems.num_problems={NUM_PROBLEMS}",
                  f"rollouts.shard_size={SHARD_SIZE}", f"rollouts.num_samples_per_problem={SAMPLES}",
                  "students={tiny-qwen: " + student + "}",
-                 "scoring.reward_models=[]", "reward_models={}", *extra]  # fmt: skip
+                 "scoring.reward_models=[]", "reward_models={}",  # so: no reward_select
+                 "streams.enabled=[slm_rft]", *extra]  # fmt: skip
     cfg = load_config(CONFIGS_DIR / "dryrun.yaml", overrides)
     path = out / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
