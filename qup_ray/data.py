@@ -108,6 +108,10 @@ def load_raw_rows(source: DatasetSource, cache_root: Path | None = None) -> Iter
 
     if not source.dataset:
         raise DataSourceError("kind 'hub' needs `dataset`")
+    if Path(source.dataset).expanduser().is_dir():  # a local mirror of a hub dataset
+        return datasets.load_dataset(
+            str(Path(source.dataset).expanduser()), source.config, split=source.split
+        )
     # The snapshot `qup fetch` put in the Hugging Face cache, at the pinned revision: a dataset
     # missing there under HF_HUB_OFFLINE=1 is one error naming it, not a traceback from `datasets`.
     folder = local_snapshot(source.dataset, "dataset", source.revision, cache_root=cache_root)

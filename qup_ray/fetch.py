@@ -85,6 +85,10 @@ def fetch_items(cfg: ExperimentConfig) -> list[FetchItem]:
             items.append(
                 FetchItem(kind, name, str(source.path), "dataset", None, "local file, not fetched")
             )
+        elif source.dataset and Path(source.dataset).expanduser().is_dir():
+            items.append(
+                FetchItem(kind, name, source.dataset, "dataset", None, "local folder, not fetched")
+            )
         else:
             items.append(FetchItem(kind, name, str(source.dataset), "dataset", source.revision))
 
