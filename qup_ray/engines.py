@@ -25,7 +25,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -264,6 +264,27 @@ def tolerating_crashes() -> Iterator[None]:
         context.max_errored_blocks = before
 
 
+def isolating_crashes(
+    first_pass: Callable[[], None], retry_pass: Callable[[str], None], what: str
+) -> str | None:
+    """Run `first_pass`; if its pipeline fails (a batch killed its actor past every retry),
+    release it and run `retry_pass(error)` with failed batches tolerated (`tolerating_crashes`):
+    there the caller redoes its unfinished rows one per batch (`isolating=True`), and the rows
+    still missing afterwards are the ones that crash their actor. Returns the error, or None."""
+    try:
+        first_pass()
+        return None
+    except Exception as error:  # any pipeline failure: find the crashing rows
+        why = f"{type(error).__name__}: {error}"[:500]
+    # Out of the except block, the failed pipeline (held by the traceback) can go, and its
+    # actors give their CPUs and GPUs back to the isolating pass.
+    gc.collect()
+    logger.warning("%s failed (%s); redoing its unfinished rows one per batch", what, why)
+    with tolerating_crashes():
+        retry_pass(why)
+    return why
+
+
 def run_engine_pool(
     rows: list[dict], role_class: type, role_kwargs: dict, engine: EngineConfig, *, role: str,
     key: str, events_dir: str | Path | None = None,
@@ -285,14 +306,12 @@ def run_engine_pool(
 
     if not rows:
         return [], []
-    try:
-        return results(rows, isolating=False), []
-    except Exception as error:  # a batch crashed its actor past its retries: find its rows
-        why = f"{type(error).__name__}: {error}"[:500]
-    gc.collect()  # the failed pipeline (held by the traceback until now) frees its actors
-    logger.warning("%s pool failed (%s); redoing its rows one at a time", role, why)
-    with tolerating_crashes():
-        done = {row[key]: row for row in results(rows, isolating=True)}
+    done: dict[Any, dict] = {}
+
+    def run(isolating: bool) -> None:
+        done.update((row[key], row) for row in results(rows, isolating=isolating))
+
+    why = isolating_crashes(lambda: run(False), lambda _: run(True), f"{role} pool")
     crashed = [
         {k: v for k, v in r.items() if not isinstance(v, list)} | {"error": why}
         for r in rows if r[key] not in done

@@ -7,7 +7,6 @@ reaches the driver, so an interrupted run loses at most the batches in flight.
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from qup_ray.config import ExperimentConfig, OracleConfig
-from qup_ray.engines import VLLMGenerator, engine_pool, request_seed, tolerating_crashes
+from qup_ray.engines import VLLMGenerator, engine_pool, isolating_crashes, request_seed
 from qup_ray.oracle.cache import CachedResponse, ResponseCache
 from qup_ray.oracle.client import OracleRequest, OracleResult, request_cache_key
 
@@ -84,20 +83,15 @@ def run_engine_requests(
                             cache.put(row["cache_key"], response)
                         stored[row["cache_key"]] = response
 
-            try:
-                generate(rows, isolating=False)
-                failure = None
-            except Exception as error:  # a batch crashed its actor past its retries
-                failure = f"{type(error).__name__}: {error}"[:500]
-            if failure is not None:
-                gc.collect()  # the failed pipeline (held by the traceback) frees its actors
-                logger.warning("oracle engine pool failed (%s); redoing its requests one at a "
-                               "time", failure)  # fmt: skip
-                with tolerating_crashes():
-                    generate([r for r in rows if r["cache_key"] not in stored], isolating=True)
-                for r in rows:
-                    if r["cache_key"] not in stored:
-                        unanswered[r["cache_key"]] = f"engine_crash: {failure}"
+            failure = isolating_crashes(
+                lambda: generate(rows, isolating=False),
+                lambda _: generate([r for r in rows if r["cache_key"] not in stored],
+                                   isolating=True),
+                "oracle engine pool",
+            )  # fmt: skip
+            for r in rows:
+                if r["cache_key"] not in stored:
+                    unanswered[r["cache_key"]] = f"engine_crash: {failure}"
     return [
         _unanswered(r.key, unanswered[k])
         if k in unanswered

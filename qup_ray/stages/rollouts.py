@@ -14,7 +14,6 @@ streams/<student>/slm_rft/stream.parquet, each with its manifest.
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import time
@@ -31,8 +30,8 @@ from qup_ray.engines import (
     PoolEvents,
     VLLMGenerator,
     generate_and_grade,
+    isolating_crashes,
     request_seed,
-    tolerating_crashes,
 )
 from qup_ray.models import engine_max_len, resolve_model
 from qup_ray.prompts import load_prompt
@@ -137,22 +136,17 @@ def generate(cfg: ExperimentConfig, student: str, model_path: str, requests: lis
     if not pending:
         return {}
     pools = [PoolEvents.fresh(stage.shard_dir / "engine_events")]
-    try:
-        write_shards(cfg, student, model_path, pending, stage, fmt, pools[0])
-        failure = None
-    except Exception as error:  # any pipeline failure: find the crashing rows
-        failure = f"{type(error).__name__}: {error}"[:500]
-    if failure is not None:
-        # Out of the except block, the failed pipeline (held by the traceback) can go, and
-        # its actors give their CPUs and GPUs back.
-        gc.collect()
-        logger.warning("%s: generation failed (%s); redoing the unfinished shards one request "
-                       "per batch", stage.dir, failure)  # fmt: skip
+
+    def redo_unfinished(failure: str) -> None:
         finished = stage.finished_shards()
         todo = [q for q in pending if q["shard"] not in finished]
         pools.append(PoolEvents.fresh(stage.shard_dir / "engine_events"))
-        with tolerating_crashes():
-            write_shards(cfg, student, model_path, todo, stage, fmt, pools[-1], error=failure)
+        write_shards(cfg, student, model_path, todo, stage, fmt, pools[-1], error=failure)
+
+    isolating_crashes(
+        lambda: write_shards(cfg, student, model_path, pending, stage, fmt, pools[0]),
+        redo_unfinished, f"{stage.dir}: generation",
+    )  # fmt: skip
     num_actors = cfg.students[student].engine.num_actors
     totals = Counter()
     for events in pools:
