@@ -292,8 +292,8 @@ def select_streams(cfg: ExperimentConfig, run: RunDir, student: str, names: list
                    tables: dict[str, pa.Table], common: set[str]) -> tuple[dict[str, list[dict]], dict]:  # fmt: skip
     """The selection streams `names` of one student over the problem ids `common`, and what the
     manifest records of them. The pool: the student's correct rollouts that pass the SLM-RFT
-    filters (SLM-RFT's own pick among them), and the rows of every other stream of the cut, scored through the score cache (the
-    score stage later finds these scores there)."""
+    filters (SLM-RFT's own pick among them), and the rows of every other stream of the cut,
+    scored through the score cache (the score stage later finds these scores there)."""
     from qup_ray.ray_session import init_ray
 
     problems = {
