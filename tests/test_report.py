@@ -598,6 +598,14 @@ def test_report_pools_three_seeds_with_intervals(tmp_path: Path) -> None:
     md = (out / "report.md").read_text()
     assert "Training seeds 0, 1, 2" in md and "seeds.csv" in md
 
+    # A seed still missing a benchmark is left out of the pooled values, and listed.
+    gone = f"eval/{student}/{stream}/dft-seed2/{benches[0]}.parquet"
+    (root / gone).unlink()
+    data = from_run_dir(cfg)
+    row = data.measures(student, "dft").loc[stream]
+    assert row.n_seeds == 2 and row.total_avg == pytest.approx((per_seed[0] + per_seed[1]) / 2)
+    assert gone in {m["path"] for m in data.missing}
+
 
 @pytest.mark.parametrize(
     ("case", "outcome"),

@@ -5,7 +5,9 @@ Two tables per student follow the paper's layout, so a reproduction reads side b
   PPL and Q1..Q4, semantic retention, token-category frequencies, and the Total Avg of every
   objective;
 - accuracy (one per student and objective, one row per stream plus the base student): Avg@k of
-  every benchmark with its spread across samples, and Total Avg.
+  every benchmark with its spread across samples, and Total Avg with its interval; with several
+  training seeds, values are means over the seeds (`n_seeds`) and the interval resamples seeds
+  and problems.
 Streams without a value keep their row, with the cell empty, so nothing disappears from view.
 """
 
@@ -249,8 +251,9 @@ def accuracy_table(data: ReportData, student: str, objective: str) -> pd.DataFra
         )
         rows.append(row)
     frame = pd.DataFrame(rows)
-    return frame.drop(columns=[c for c in ("n_seeds", "total_avg ci_low", "total_avg ci_high")
-                               if frame[c].isna().all()])  # fmt: skip
+    unknown = [c for c in ("n_seeds", f"{Y_MEASURE} ci_low", f"{Y_MEASURE} ci_high")
+               if c in frame.columns and frame[c].isna().all()]  # fmt: skip
+    return frame.drop(columns=unknown)
 
 
 def _status(absent: list[str], benchmarks: list[str], total_avg: float) -> str:
