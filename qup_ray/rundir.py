@@ -392,24 +392,45 @@ class Stage:
 # --------------------------------------------------------------------------------------------
 
 
-def train_cell_settings(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
-    """Objective folder name -> its objective, learning_rate and global_batch_size: `sft`,
-    `dft`, plus robustness variants like `dft-lr2e-05-bs128`."""
+def _variants(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
+    """Variant name -> objective, learning_rate, global_batch_size: `sft`, `dft`, plus
+    robustness variants like `dft-lr2e-05-bs128`."""
     t = cfg.training
-    cells = {o: {"objective": o, "learning_rate": t.learning_rate,
-                 "global_batch_size": t.global_batch_size} for o in t.objectives}  # fmt: skip
+    variants = {o: {"objective": o, "learning_rate": t.learning_rate,
+                    "global_batch_size": t.global_batch_size} for o in t.objectives}  # fmt: skip
     for extra in t.robustness:
         lr = extra.get("learning_rate", t.learning_rate)
         bs = int(extra.get("global_batch_size", t.global_batch_size))
         for o in t.objectives:
-            cells[f"{o}-lr{lr:.0e}-bs{bs}"] = {
+            variants[f"{o}-lr{lr:.0e}-bs{bs}"] = {
                 "objective": o, "learning_rate": lr, "global_batch_size": bs,
             }  # fmt: skip
-    return cells
+    return variants
+
+
+def seed_cells(cfg: ExperimentConfig) -> dict[str, dict[int, str]]:
+    """Variant (`dft`, `dft-lr2e-05-bs128`) -> training seed -> objective folder name. The
+    seed `training.seed` keeps the plain name, so a one-seed run's layout does not change and
+    adding seeds leaves its cells finished; every other seed adds `-seed<N>`."""
+    t = cfg.training
+    seeds = t.seeds or [t.seed]
+    return {v: {s: v if s == t.seed else f"{v}-seed{s}" for s in seeds} for v in _variants(cfg)}
+
+
+def train_cell_settings(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
+    """Objective folder name -> its objective, learning_rate, global_batch_size and seed: each
+    variant once per training seed (`seed_cells`)."""
+    variants = _variants(cfg)
+    return {
+        folder: {**variants[variant], "seed": seed}
+        for variant, by_seed in seed_cells(cfg).items()
+        for seed, folder in by_seed.items()
+    }
 
 
 def train_cells(cfg: ExperimentConfig) -> list[str]:
-    """Objective folder names: `sft`, `dft`, plus robustness variants like `dft-lr2e-05-bs128`."""
+    """Objective folder names: `sft`, `dft`, robustness variants like `dft-lr2e-05-bs128`, and
+    with several training seeds `dft-seed1` and so on."""
     return list(train_cell_settings(cfg))
 
 

@@ -130,7 +130,7 @@ def test_status_shows_the_cells(trained):
     assert len(train_rows) == 8 and set(train_rows.values()) == {"done"}
 
 
-def test_rerun_skips_finished_cells(trained):
+def test_rerun_skips_finished_cells_and_trains_a_new_seed_alone(trained):
     from qup_ray.stages import run_stage
 
     cfg, _ = trained
@@ -139,6 +139,30 @@ def test_rerun_skips_finished_cells(trained):
     run_stage("train", cfg)
     assert time.perf_counter() - t0 < 5
     assert read_json(cfg.run_dir / "train/tiny-qwen/slm_rft/dft/_manifest.json") == before
+
+    # A second training seed: the finished cells are seed 0's and stay finished; only seed 1's
+    # cells are pending, and one of them trains to other weights (another data order).
+    from safetensors.torch import load_file
+
+    from qup_ray.stages.train import plan_cells
+
+    seeded = load_config(
+        CONFIGS_DIR / "dryrun.yaml",
+        [f"output_dir={cfg.output_dir}", "training.streams=[slm_rft, oracle_refined]",
+         "training.seeds=[0, 1]"],
+    )  # fmt: skip
+    pending, asked = plan_cells(seeded, False, None)
+    assert asked == 16 and {spec.cell_id.split("/")[2] for _, spec in pending} == {
+        "sft-seed1", "dft-seed1"}  # fmt: skip
+    assert {spec.seed for _, spec in pending} == {1} and len(pending) == 8
+    run_stage("train", seeded, cells=["tiny-qwen/slm_rft/dft-seed1"])
+    assert read_json(cfg.run_dir / "train/tiny-qwen/slm_rft/dft/_manifest.json") == before
+    seed1 = cfg.run_dir / "train/tiny-qwen/slm_rft/dft-seed1"
+    manifest = read_json(seed1 / "_manifest.json")
+    assert manifest["seed"] == 1 and manifest["objective"] == "dft"
+    assert manifest["config_hash"] != before["config_hash"]
+    weights = [load_file(d / "model" / "model.safetensors") for d in (seed1, seed1.parent / "dft")]
+    assert any(not t.equal(weights[1][name]) for name, t in weights[0].items())
 
 
 @pytest.mark.parametrize("student", ["tiny-qwen", "tiny-llama"])

@@ -62,6 +62,8 @@ class CellSpec:
     objective: str
     learning_rate: float
     global_batch_size: int
+    seed: int
+    """Training seed of the cell (`training.seeds`): data order and torch's RNG."""
     config_hash: str
 
 
@@ -175,7 +177,7 @@ def train_cell(spec: CellSpec, config: dict, rank: int, world_size: int) -> str:
         micro_batch_size=training["micro_batch_size_per_worker"],
         world_size=world_size,
         num_epochs=training["num_epochs"],
-        seed=training["seed"],
+        seed=spec.seed,
     )
     if len(plan) == 0:
         raise ValueError(
@@ -185,7 +187,7 @@ def train_cell(spec: CellSpec, config: dict, rank: int, world_size: int) -> str:
     tokenizer = fmt.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fmt.turn_end_ids[0]
 
-    torch.manual_seed(training["seed"])
+    torch.manual_seed(spec.seed)
     dtype = torch.bfloat16 if use_gpu else torch.float32
     model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype)
     if training["gradient_checkpointing"]:
