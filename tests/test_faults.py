@@ -151,6 +151,21 @@ def _eval(out: Path, fault: str | None = None) -> tuple[Path, str]:
     return out / "dryrun" / "eval", result.stderr
 
 
+def test_eval_faults_count_each_engine_pass_once():
+    """Units evaluated in one engine pass share its pools: a model's (and the stage's) restarts
+    and retried batches count each pass once; isolated rows add up per unit."""
+    from qup_ray.stages.eval import summed_faults
+
+    a = {"id": "a", "actor_restarts": 2, "retried_batches": 3}
+    b = {"id": "b", "actor_restarts": 1, "retried_batches": 0}
+    units = [{"engine_pass": a, "faults": {"isolated_rows": 1}},
+             {"engine_pass": a, "faults": {"isolated_rows": 2}},
+             {"engine_pass": b, "faults": {"isolated_rows": 0}},
+             {"engine_pass": None}, {}]  # fmt: skip
+    assert summed_faults(units) == {"actor_restarts": 3, "retried_batches": 3, "isolated_rows": 3}
+    assert summed_faults([]) == {"actor_restarts": 0, "retried_batches": 0, "isolated_rows": 0}
+
+
 @pytest.fixture(scope="module")
 def unbroken_eval(tmp_path_factory: pytest.TempPathFactory, cpu_world) -> Path:
     return _eval(tmp_path_factory.mktemp("unbroken-eval"))[0]
