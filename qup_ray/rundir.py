@@ -60,6 +60,9 @@ REJECTED_SCHEMA = pa.schema(
     [("problem_id", pa.string()), ("table", pa.string()), ("reason", pa.string()),
      ("num_tokens", pa.int64()), ("limit", pa.int64())]
 )  # fmt: skip
+CRASHED_SCHEMA = REJECTED_SCHEMA.append(pa.field("error", pa.string()))
+"""A rejected table that also holds the requests that crashed their engine actor every time they
+were sent (reason `engine_crash`, with the pipeline's error; None for the other reasons)."""
 
 
 STREAM_SCHEMA = pa.schema(
