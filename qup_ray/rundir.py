@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -169,6 +169,29 @@ def iter_rows(
     """The rows of one or more Parquet files as dicts, one batch converted at a time."""
     for batch in iter_batches(paths, columns, batch_rows):
         yield from batch.to_pylist()
+
+
+@contextlib.contextmanager
+def table_writer(
+    path: str | Path, schema: pa.Schema, batch_rows: int = BATCH_ROWS
+) -> Iterator[Callable[[dict], None]]:
+    """`add(row)` appends one row to a Parquet table written a batch at a time (atomically, as
+    `write_parquet`): a stage that makes rows one by one holds a batch, not the table."""
+    buffer: list[dict] = []
+    with _atomic_path(Path(path)) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+
+        def flush() -> None:
+            writer.write_table(pa.Table.from_pylist(buffer, schema=schema))
+            buffer.clear()
+
+        def add(row: dict) -> None:
+            buffer.append(row)
+            if len(buffer) >= batch_rows:
+                flush()
+
+        yield add
+        if buffer:
+            flush()
 
 
 def num_rows(path: str | Path) -> int:

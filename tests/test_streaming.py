@@ -56,6 +56,24 @@ def test_streamed_stages_write_the_whole_table_codes_tables_row_by_row(tmp_path:
             assert got.get(key) == want.get(key), f"{manifest.parent.name}: {key}"
 
 
+def test_streamed_problems_stage_writes_the_whole_table_codes_tables(tmp_path: Path):
+    """The problems stage (source streamed once, only ids held) writes the rows, rejections
+    and counts the whole-table code wrote from the same source and seed."""
+    from qup_ray.stages import problems
+
+    cfg = scale_config(str(tmp_path), 300)
+    out = problems.run(cfg)
+    for name in ("problems", "rejected"):
+        want = pq.read_table(FROZEN / "inputs" / "problems" / f"{name}.parquet")
+        got = pq.read_table(out / f"{name}.parquet")
+        assert got.schema == want.schema
+        assert got.to_pylist() == want.to_pylist(), name
+    want = read_json(FROZEN / "inputs" / "problems" / MANIFEST)
+    got = read_json(out / MANIFEST)
+    assert (got["row_counts"], got["counts"]) == (want["row_counts"], want["counts"])
+    assert got["counts"]["contaminated"] + got["counts"]["duplicates"] > 0  # both paths ran
+
+
 def test_rollout_tally_counts_what_the_rows_say():
     """The rollouts manifest's counts, read batch by batch from the bookkeeping columns, equal
     the same counts taken over the rows in Python."""
