@@ -97,3 +97,19 @@ def test_rollout_tally_counts_what_the_rows_say():
         cfg.rollouts.num_samples_per_problem,
     )  # fmt: skip
     assert histogram == old["pass_histogram"]
+
+
+def test_scale_bench_reports_the_drivers_growth_per_problem():
+    """The figures of `qup bench scale` from two sizes' results (values of a real run's shape)."""
+    from qup_ray.bench.scale import summarize
+
+    def size(n: int, peak: float, wall: float) -> dict:
+        return {"num_problems": n, "peak_rss_mb": peak, "rss_mb_at_start": 200.0,
+                "peak_rss_mb_after": {"problems": 210.0}, "wall_s": {"problems": wall},
+                "rows": {"generated_tokens": 10 * n}, "bytes": {"rollouts": 30 * n}}  # fmt: skip
+
+    out = summarize(size(300, 1000.0, 2.0), size(3000, 1100.0, 10.0))
+    assert out["ratio"] == 1.1
+    assert out["rss_growth_kb_per_problem"] == round(100 * 1024 / 2700, 2)
+    assert out["wall_growth"] == {"problems": 5.0}
+    assert out["rollouts_disk_bytes_per_token_10x"] == 3.0

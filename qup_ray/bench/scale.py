@@ -100,11 +100,11 @@ def one_size(output_dir: str, num_problems: int, overrides: list[str]) -> dict[s
         ray.shutdown()
     root = cfg.run_dir
     out["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    rollouts = read_json(root / "rollouts" / student / "_manifest.json")
     out["rows"] = {
         "problems": read_json(root / "problems" / "_manifest.json")["row_counts"]["problems"],
-        "rollouts": read_json(root / "rollouts" / student / "_manifest.json")["row_counts"][
-            "rollouts"
-        ],
+        "rollouts": rollouts["row_counts"]["rollouts"],
+        "generated_tokens": rollouts["generated_tokens"],
         "problem_set": read_json(root / "problem_set" / "_manifest.json")["row_counts"][
             "problem_set"
         ],
@@ -154,6 +154,10 @@ def summarize(small: dict[str, Any], large: dict[str, Any]) -> dict[str, Any]:
         "rows_1x": small["rows"],
         "rows_10x": large["rows"],
         "disk_bytes_per_problem_10x": {k: round(v / n, 1) for k, v in large["bytes"].items()},
+        # What a paper-size estimate scales by: rollouts on disk per generated token.
+        "rollouts_disk_bytes_per_token_10x": round(
+            large["bytes"]["rollouts"] / max(large["rows"]["generated_tokens"], 1), 2
+        ),
     }
 
 
