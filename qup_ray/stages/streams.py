@@ -348,15 +348,17 @@ def select_streams(cfg: ExperimentConfig, run: RunDir, student: str, names: list
     problems = {p["problem_id"]: p for p in cut(set_table, common).to_pylist()}
     # The pool is the student's correct samples of the problem set (what rft_candidates
     # judges); the rest of the rollouts never reach Python.
-    rollouts = read_parquet(run.root / "rollouts" / student / "rollouts.parquet")
-    rollouts = rollouts.filter(pc.and_(
-        pc.equal(rollouts.column("correct"), True),
-        pc.is_in(rollouts.column("problem_id"), value_set=set_table.column("problem_id")),
-    ))  # fmt: skip
+    correct = [
+        b.filter(pc.and_(pc.equal(b.column("correct"), True),
+                         pc.is_in(b.column("problem_id"), value_set=set_table.column("problem_id"))))
+        for b in iter_batches(run.root / "rollouts" / student / "rollouts.parquet")
+    ]  # fmt: skip
     own, _ = rft_candidates(
-        rollouts.to_pylist(), set(set_table.column("problem_id").to_pylist()), cfg.rollouts.rft
-    )
-    del rollouts
+        (row for b in correct for row in b.to_pylist()),
+        set(set_table.column("problem_id").to_pylist()), cfg.rollouts.rft,
+        lengths=[n for b in correct for n in b.column("num_tokens").to_pylist()],
+    )  # fmt: skip
+    del correct
     pool = [
         {"problem_id": pid, "problem": problems[pid]["problem"], "answer": problems[pid]["answer"],
          "trace": r["response"], "source": OWN_SAMPLES, "correct": True,
@@ -417,8 +419,12 @@ def select_streams(cfg: ExperimentConfig, run: RunDir, student: str, names: list
 
 
 def run_student(cfg: ExperimentConfig, run: RunDir, student: str, force: bool) -> None:
-    problem_set = read_parquet(run.root / "problem_set" / "problem_set.parquet").to_pylist()
-    rft = read_parquet(run.root / "streams" / student / "slm_rft" / "stream.parquet").to_pylist()
+    # The oracle requests of a stream are sent in one call (one endpoint or engine start), so
+    # its items are held: the columns the prompts need, one copy.
+    problem_set = read_parquet(run.root / "problem_set" / "problem_set.parquet",
+                               ["problem_id", "problem", "answer"]).to_pylist()  # fmt: skip
+    rft = read_parquet(run.root / "streams" / student / "slm_rft" / "stream.parquet",
+                       ["problem_id", "problem", "answer", "trace"]).to_pylist()  # fmt: skip
     traces = [r["trace"] for r in rft]
     enabled = set(cfg.streams.enabled)
     if "oracle_refined" in enabled:
