@@ -18,7 +18,9 @@ paper-size estimate is computed from).
 from __future__ import annotations
 
 import logging
+import os
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -79,6 +81,10 @@ def one_size(output_dir: str, num_problems: int, overrides: list[str]) -> dict[s
     from qup_ray.rundir import read_json
     from qup_ray.stages import run_stage
 
+    # Stdout carries the benchmark's one JSON line (written by the parent); this process's
+    # stdout, where Ray echoes its workers' output, goes to stderr with the logs.
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     logging.basicConfig(  # a spawned process: the parent's logging set-up is not inherited
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
