@@ -106,7 +106,8 @@ def test_scale_bench_reports_the_drivers_growth_per_problem():
     def size(n: int, peak: float, wall: float) -> dict:
         return {"num_problems": n, "peak_rss_mb": peak, "rss_mb_at_start": 200.0,
                 "peak_rss_mb_after": {"problems": 210.0}, "wall_s": {"problems": wall},
-                "rows": {"generated_tokens": 10 * n}, "bytes": {"rollouts": 30 * n}}  # fmt: skip
+                "rows": {"problems": n, "generated_tokens": 10 * n},
+                "bytes": {"rollouts": 30 * n}}  # fmt: skip
 
     out = summarize(size(300, 1000.0, 2.0), size(3000, 1100.0, 10.0))
     assert out["ratio"] == 1.1

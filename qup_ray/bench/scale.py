@@ -131,17 +131,18 @@ def one_size(output_dir: str, num_problems: int, overrides: list[str]) -> dict[s
 
 def summarize(small: dict[str, Any], large: dict[str, Any]) -> dict[str, Any]:
     """The benchmark's figures from the two sizes' results."""
-    added = large["num_problems"] - small["num_problems"]
+    # Per problem the stages actually got (the synthetic pool may hold fewer than asked for).
+    added = large["rows"]["problems"] - small["rows"]["problems"]
     growth = {
         s: round(large["wall_s"][s] / small["wall_s"][s], 2) if small["wall_s"][s] else None
         for s in small["wall_s"]
     }
-    n = large["num_problems"]
+    n = large["rows"]["problems"]
     return {
         "bench": "scale",
         "unit": "driver peak RSS (MB)",
-        "problems_1x": small["num_problems"],
-        "problems_10x": large["num_problems"],
+        "problems_1x": small["rows"]["problems"],
+        "problems_10x": large["rows"]["problems"],
         "peak_rss_mb_1x": small["peak_rss_mb"],
         "peak_rss_mb_10x": large["peak_rss_mb"],
         "ratio": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),
