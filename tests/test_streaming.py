@@ -114,3 +114,18 @@ def test_scale_bench_reports_the_drivers_growth_per_problem():
     assert out["rss_growth_kb_per_problem"] == round(100 * 1024 / 2700, 2)
     assert out["wall_growth"] == {"problems": 5.0}
     assert out["rollouts_disk_bytes_per_token_10x"] == 3.0
+
+
+def test_anon_peak_sees_a_transient_allocation():
+    """The bench's sampled heap peak catches memory held for a moment and then freed."""
+    import time
+
+    from qup_ray.bench.scale import AnonPeak, rss_parts_mb
+
+    before = rss_parts_mb()["anon"]
+    with AnonPeak(interval_s=0.01) as peak:
+        block = bytearray(64 << 20)  # 64 MiB, touched
+        block[::4096] = b"x" * len(block[::4096])
+        time.sleep(0.2)
+        del block
+    assert peak.peak_mb >= before + 60

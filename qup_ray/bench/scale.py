@@ -22,6 +22,7 @@ import os
 import resource
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,42 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rss_parts_mb() -> dict[str, float]:
+    """This process's resident memory now, by kind (Linux `/proc/self/status`): `anon` is its
+    own heap; `shmem` includes pages of Ray's object store it has touched."""
+    fields = {"RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in fields:
+                out[fields[key]] = int(value.split()[0]) / 1024  # "   172 kB"
+    return out
+
+
+class AnonPeak:
+    """The peak of `rss_parts_mb()["anon"]`, sampled every `interval_s` on a thread: the
+    driver's own memory, without the object-store pages ru_maxrss also counts."""
+
+    def __init__(self, interval_s: float = 0.1) -> None:
+        self.peak_mb, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
+
+    def _run(self, interval_s: float) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, rss_parts_mb().get("anon", 0.0))
+            self._stop.wait(interval_s)
+
+    def __enter__(self) -> AnonPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, rss_parts_mb().get("anon", 0.0))
+
+
 def folder_bytes(folder: Path) -> int:
     """Bytes of the Parquet tables under `folder` (outputs, not shards: those are gone)."""
     return sum(p.stat().st_size for p in folder.rglob("*.parquet")) if folder.is_dir() else 0
@@ -94,18 +131,22 @@ def one_size(output_dir: str, num_problems: int, overrides: list[str]) -> dict[s
     cell = f"{student}/slm_rft/sft"
     out: dict[str, Any] = {"num_problems": num_problems, "wall_s": {}, "peak_rss_mb_after": {}}
     out["rss_mb_at_start"] = round(peak_rss_mb(), 1)
+    out["peak_anon_mb_after"] = {}
     try:
-        for stage in STAGES:
-            t0 = time.perf_counter()
-            run_stage(stage, cfg, cells=[cell] if stage in ("train", "eval") else None)
-            out["wall_s"][stage] = round(time.perf_counter() - t0, 2)
-            out["peak_rss_mb_after"][stage] = round(peak_rss_mb(), 1)
+        with AnonPeak() as anon:
+            for stage in STAGES:
+                t0 = time.perf_counter()
+                run_stage(stage, cfg, cells=[cell] if stage in ("train", "eval") else None)
+                out["wall_s"][stage] = round(time.perf_counter() - t0, 2)
+                out["peak_rss_mb_after"][stage] = round(peak_rss_mb(), 1)
+                out["peak_anon_mb_after"][stage] = round(anon.peak_mb, 1)
             logger.info("bench scale: %d problems, %s: %.1f s, driver peak %.1f MB",
                         num_problems, stage, out["wall_s"][stage], peak_rss_mb())  # fmt: skip
     finally:
         ray.shutdown()
     root = cfg.run_dir
     out["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    out["peak_anon_mb"] = round(anon.peak_mb, 1)
     rollouts = read_json(root / "rollouts" / student / "_manifest.json")
     out["rows"] = {
         "problems": read_json(root / "problems" / "_manifest.json")["row_counts"]["problems"],
@@ -150,6 +191,16 @@ def summarize(small: dict[str, Any], large: dict[str, Any]) -> dict[str, Any]:
             (large["peak_rss_mb"] - small["peak_rss_mb"]) * 1024 / added, 2
         ),
         "rss_mb_at_start": [small["rss_mb_at_start"], large["rss_mb_at_start"]],
+        # The driver's own heap (sampled), without the object-store pages ru_maxrss counts.
+        "peak_anon_mb_1x": small.get("peak_anon_mb"),
+        "peak_anon_mb_10x": large.get("peak_anon_mb"),
+        "anon_growth_kb_per_problem": round(
+            (large["peak_anon_mb"] - small["peak_anon_mb"]) * 1024 / added, 2
+        )
+        if "peak_anon_mb" in small and "peak_anon_mb" in large
+        else None,
+        "peak_anon_mb_after_1x": small.get("peak_anon_mb_after"),
+        "peak_anon_mb_after_10x": large.get("peak_anon_mb_after"),
         "peak_rss_mb_after_1x": small["peak_rss_mb_after"],
         "peak_rss_mb_after_10x": large["peak_rss_mb_after"],
         "wall_s_1x": small["wall_s"],
