@@ -21,7 +21,7 @@ import logging
 import math
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -216,23 +216,36 @@ def normalize_row(raw: dict, fields: dict[str, str], benchmark: str) -> tuple[di
     }, ""
 
 
-def load_problems(
+def iter_problems(
     source: DatasetSource, benchmark: str = "", cache_root: Path | None = None
-) -> tuple[list[dict], list[dict]]:
-    """Load and normalise a source: (rows, rejected rows with reasons)."""
-    rows, rejected = [], []
-    num_loaded = 0
+) -> Iterator[tuple[dict | None, dict | None]]:
+    """A source's rows one at a time, in order: `(row, None)` for a usable row in the
+    project's schema, `(None, rejected)` (with its reason) for one that is not."""
+    num_loaded = num_rejected = 0
     for i, raw in enumerate(load_raw_rows(source, cache_root)):
         num_loaded += 1
         row, reason = normalize_row(dict(raw), source.fields, benchmark)
         if row is None:
-            rejected.append(
-                {"row_index": i, "benchmark": benchmark, "reason": reason, "raw": repr(raw)[:2000]}
-            )
+            num_rejected += 1
+            yield None, {"row_index": i, "benchmark": benchmark, "reason": reason,
+                         "raw": repr(raw)[:2000]}  # fmt: skip
+        else:
+            yield row, None
+    if num_rejected:
+        logger.warning(
+            "%s: %d of %d rows rejected", benchmark or "problems", num_rejected, num_loaded
+        )
+
+
+def load_problems(
+    source: DatasetSource, benchmark: str = "", cache_root: Path | None = None
+) -> tuple[list[dict], list[dict]]:
+    """Load and normalise a source: (rows, rejected rows with reasons). For benchmarks and
+    tests; the problems stage streams a source with `iter_problems`."""
+    rows, rejected = [], []
+    for row, bad in iter_problems(source, benchmark, cache_root):
+        if row is None:
+            rejected.append(bad)
         else:
             rows.append(row)
-    if rejected:
-        logger.warning(
-            "%s: %d of %d rows rejected", benchmark or "problems", len(rejected), num_loaded
-        )
     return rows, rejected

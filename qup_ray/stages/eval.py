@@ -443,7 +443,7 @@ def finish_unit(cfg: ExperimentConfig, cell: str, unit: Unit, model_path: str) -
         if table.num_rows
         else (SAMPLE_SCHEMA.empty_table())
     )
-    rows = table.to_pylist()
+    rows = table.drop_columns(["response"]).to_pylist()  # counts and metrics need no text
     if len(rows) != num_problems * cfg.evaluation.num_samples:
         raise RuntimeError(
             f"{unit.stage.dir}: {len(rows)} samples for {num_problems} "
