@@ -18,14 +18,15 @@ from qup_ray.rundir import RunDir, eval_cells, train_cells
 CONFIG = CONFIGS_DIR / "cpu_paper.yaml"
 LOCAL = CONFIGS_DIR / "clusters" / "local.yaml"
 
-# A handful of problems, two seeds, one objective, three streams, a small benchmark: every stage
+# A few dozen problems (a handful reach every stream), two seeds, one objective, three streams, a small benchmark: every stage
 # of the config runs, on the grid's code path, in a few minutes.
 REDUCED = [
-    "problems.num_problems=12",
-    "rollouts.shard_size=6",
+    "problems.num_problems=40",
+    "rollouts.shard_size=20",
     "streams.enabled=[slm_rft,oracle_refined,style_aligned]",
     "training.objectives=[sft]",
     "training.seeds=[0,1]",
+    "training.global_batch_size=8",
     "evaluation.num_samples=2",
     "evaluation.shard_size=8",
     "evaluation.benchmarks.synthetic_test.source.num_synthetic=8",

@@ -40,7 +40,7 @@ from qup_ray.models import engine_max_len, resolve_model
 from qup_ray.prompts import load_prompt
 from qup_ray.rft import select_rft
 from qup_ray.rundir import (
-    REJECTED_SCHEMA,
+    CRASHED_SCHEMA,
     STREAM_SCHEMA,
     RunDir,
     Stage,
@@ -62,7 +62,6 @@ ROLLOUT_SCHEMA = pa.schema(
      ("extracted", pa.string()), ("extract_mode", pa.string()), ("correct", pa.bool_()),
      ("status", pa.string())]
 )  # fmt: skip
-CRASHED_SCHEMA = REJECTED_SCHEMA.append(pa.field("error", pa.string()))
 """The rollouts' rejected table: a request whose prompt fills the context, or one that crashed
 its engine actor every time it was sent (reason `engine_crash`, with the error)."""
 
