@@ -104,13 +104,16 @@ def temp_dir_for(job_id: str, root: str) -> Path:
     return path
 
 
-def ray_env() -> dict[str, str]:
-    """Environment of the Ray processes a job starts."""
+def ray_env(address: str) -> dict[str, str]:
+    """Environment of the Ray processes a job starts, in a cluster whose GCS is `address`."""
     env = dict(os.environ)
     env["RAY_AUTH_MODE"] = "disabled"  # bound to 127.0.0.1; ~/.ray/auth_token would turn it on
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # SIGTERM stops at once, no 30 s drain
     env["RAY_USAGE_STATS_ENABLED"] = "0"
-    env.pop("RAY_ADDRESS", None)
+    # Every worker inherits it: Ray's own helpers that look the cluster up (Ray Train's
+    # placement group cleaner, state API calls) then find this one, not "multiple active Ray
+    # instances" on a shared node.
+    env["RAY_ADDRESS"] = address
     return env
 
 
@@ -208,7 +211,7 @@ def start_node(
         cmd.append(f"--address={head_address}")
     if setup:
         cmd = ["bash", "-c", "\n".join([*setup, 'exec "$@"']), "qup-ray-node", *cmd]
-    env = ray_env()
+    env = ray_env(head_address or f"{node_ip}:{ports.port('gcs')}")
     if is_loopback(node_ip):  # a one-node job: every Ray socket on 127.0.0.1, none public
         stay_on_loopback(env)
     log_path = temp_dir.parent / f"{temp_dir.name}.log"
