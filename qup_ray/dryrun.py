@@ -197,7 +197,7 @@ def run_dryrun(
 
 
 def breakdown(total_s: float, jobs: dict[str, dict], ray: dict[str, float]) -> dict[str, float]:
-    """Where a run's seconds went, in order: the Ray cluster's start, each job, its stop, and
+    """Where a run's seconds went: the Ray cluster's start, each job, its stop, and
     the rest (planning, records, summaries): the values sum to `total_s`."""
     parts = {"ray_start": ray.get("start_s", 0.0)} if ray else {}
     parts |= {name: float(t.get("seconds", 0.0)) for name, t in jobs.items()}
