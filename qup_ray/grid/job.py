@@ -96,9 +96,9 @@ class StageJob:
     # ---- a local grid: the driver joins the launcher's cluster ---------------------------------
 
     def _on_shared_cluster(self, head: dict) -> dict:
-        """The stage on the local grid's cluster. Its `init_ray` joins through `RAY_ADDRESS`
-        when the stage first needs Ray (problems and report never do); at the end only this
-        driver leaves: the launcher stops the cluster after the last job."""
+        """The stage on the local grid's cluster, joined as on a job's own (the stage's
+        `init_ray` finds it joined); at the end only this driver leaves: the launcher stops the
+        cluster after the last job."""
         from qup_ray.stages import run_stage
 
         stay_on_loopback(os.environ)  # the launcher's cluster is on 127.0.0.1
@@ -112,6 +112,7 @@ class StageJob:
         )  # fmt: skip
         t0 = time.time()
         try:
+            self._connect(head["address"], 1)
             out = run_stage(self.stage, self.cfg, cells=self.cells)
             return {"job": self.name, "output": str(out), "seconds": round(time.time() - t0, 1)}
         finally:
