@@ -30,7 +30,6 @@ import json
 import logging
 import random
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -325,18 +324,13 @@ def select_streams(cfg: ExperimentConfig, run: RunDir, student: str, names: list
         c["key"] = str(i)
     init_ray(cfg.ray)
     rejected: list[dict] = []
+    nll = {r["key"]: r["mean_nll"] for r in score_ppl(cfg, student, pool, rejected)}
     rm = cfg.scoring.reward_models[0] if cfg.scoring.reward_models else None
-    # Perplexity and reward scoring side by side: two engine pools whose start-ups (an import
-    # of vLLM and an engine each) overlap instead of following one another.
-    with ThreadPoolExecutor(2, thread_name_prefix="select") as threads:
-        ppl_rows = threads.submit(score_ppl, cfg, student, pool, rejected)
-        reward_rows = (
-            threads.submit(score_reward, cfg, rm, pool, rejected)
-            if rm and "reward_select" in names
-            else None
-        )
-        nll = {r["key"]: r["mean_nll"] for r in ppl_rows.result()}
-        reward = {r["key"]: r["reward"] for r in reward_rows.result()} if reward_rows else {}
+    reward = (
+        {r["key"]: r["reward"] for r in score_reward(cfg, rm, pool, rejected)}
+        if rm and "reward_select" in names
+        else {}
+    )
     for c in pool:
         c["mean_nll"], c["reward"] = nll.get(c["key"]), reward.get(c["key"])
     chosen: dict[str, list[dict]] = {}
