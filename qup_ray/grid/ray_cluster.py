@@ -296,6 +296,10 @@ def start_local_cluster(
     )  # fmt: skip
     try:
         wait_for_port("127.0.0.1", ports.port("gcs"), node)
+        # Until the dashboard listens, a driver's `ray.init` waits for it (some 20 s on a busy
+        # 2-core machine): wait here, so that time shows as the cluster's start, not a job's.
+        with contextlib.suppress(TimeoutError):
+            wait_for_port(dashboard_host, ports.port("dashboard"), node, timeout_s=60)
         head = {
             "address": f"127.0.0.1:{ports.port('gcs')}", "hostname": socket.gethostname(),
             "dashboard": f"http://{dashboard_host}:{ports.port('dashboard')}",
