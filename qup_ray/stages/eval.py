@@ -52,7 +52,13 @@ from qup_ray.config import ExperimentConfig, result_view
 from qup_ray.data import PROBLEM_SCHEMA, load_problems
 from qup_ray.data import REJECTED_SCHEMA as BENCHMARK_REJECTED_SCHEMA
 from qup_ray.encoding import ChatFormat, fit_generation
-from qup_ray.engines import PoolEvents, generate_and_grade, isolating_crashes, request_seed
+from qup_ray.engines import (
+    PoolEvents,
+    collect_shards,
+    generate_and_grade,
+    isolating_crashes,
+    request_seed,
+)
 from qup_ray.models import engine_max_len, resolve_model
 from qup_ray.prompts import load_prompt
 from qup_ray.rundir import (
@@ -311,15 +317,11 @@ def write_shards(
     )
     expected = Counter((q["work"], q["unit"], q["shard"]) for q in pending)
     position = {(q["work"], q["unit"], q["problem_id"]): i for i, q in enumerate(pending)}
-    # Chunks arrive in completion order; shards are written in request order. Rows are keyed by
-    # (problem, sample): a redone batch can never add a row twice.
-    buffers: dict[tuple[int, int, int], dict[tuple[str, int], dict]] = defaultdict(dict)
 
-    def write(key: tuple[int, int, int]) -> None:
+    def write(key: tuple[int, int, int], rows: list[dict]) -> None:  # in request order
         unit = works[key[0]].pending[key[1]]
         rows = sorted(
-            buffers.pop(key, {}).values(),
-            key=lambda r: (position[(key[0], key[1], r["problem_id"])], r["sample_idx"]),
+            rows, key=lambda r: (position[(key[0], key[1], r["problem_id"])], r["sample_idx"])
         )
         if error is not None:
             per_problem = Counter(r["problem_id"] for r in rows)
@@ -339,20 +341,8 @@ def write_shards(
         unit.stage.write_shard(key[2], table)
         logger.info("%s: shard %d written", unit.stage.dir, key[2])
 
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        for row in batch.to_pylist():
-            key = (row["work"], row["unit"], row["shard"])
-            if key not in expected:  # written already: a redone batch's late copy
-                continue
-            buffers[key][(row["problem_id"], row["sample_idx"])] = row
-            if len(buffers[key]) == expected[key] * n:
-                write(key)
-                del expected[key]
-    if error is not None:  # shards that lost requests to crashes
-        for key in sorted(expected):
-            write(key)
-    elif expected:  # a shard short of samples, or with none at all
-        raise RuntimeError(f"{student}: incomplete shards after generation: {sorted(expected)}")
+    collect_shards(ds, expected, n, lambda r: (r["work"], r["unit"], r["shard"]), write,
+                   error=error, what=student)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

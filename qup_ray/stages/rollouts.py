@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from qup_ray.encoding import ChatFormat, fit_generation
 from qup_ray.engines import (
     PoolEvents,
     VLLMGenerator,
+    collect_shards,
     generate_and_grade,
     isolating_crashes,
     request_seed,
@@ -171,14 +172,10 @@ def write_shards(cfg: ExperimentConfig, student: str, model_path: str, pending: 
     expected = Counter(q["shard"] for q in pending)
     ds = rollout_dataset(cfg, student, model_path, pending, fmt=fmt, events=events,
                          isolating=error is not None)  # fmt: skip
-    # Chunks arrive in completion order; shards are written in request order. Rows are keyed by
-    # (problem, sample): a redone batch can never add a row twice.
     position = {q["problem_id"]: i for i, q in enumerate(pending)}
-    buffers: dict[int, dict[tuple[str, int], dict]] = defaultdict(dict)
 
-    def write(shard: int) -> None:
-        rows = sorted(buffers.pop(shard, {}).values(),
-                      key=lambda x: (position[x["problem_id"]], x["sample_idx"]))  # fmt: skip
+    def write(shard: int, rows: list[dict]) -> None:  # in request order
+        rows = sorted(rows, key=lambda x: (position[x["problem_id"]], x["sample_idx"]))
         if error is not None:
             got = {row["problem_id"] for row in rows}
             crashed = [rejected_row(q["problem_id"], "engine_crash", len(q["prompt_ids"]), 0)
@@ -189,23 +186,14 @@ def write_shards(cfg: ExperimentConfig, student: str, model_path: str, pending: 
         stage.write_shard(shard, pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA))
         logger.info("%s: shard %d written", stage.dir, shard)
 
+    def keep(row: dict) -> dict:
+        return {k: row.get(k) for k in ROLLOUT_SCHEMA.names if k != "student"} | {
+            "student": student
+        }
+
     with stage.timed("generate_and_grade"):
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for row in batch.to_pylist():
-                shard = row["shard"]
-                if shard not in expected:  # written already: a redone batch's late copy
-                    continue
-                buffers[shard][(row["problem_id"], row["sample_idx"])] = {
-                    k: row.get(k) for k in ROLLOUT_SCHEMA.names if k != "student"
-                } | {"student": student}
-                if len(buffers[shard]) == expected[shard] * n:
-                    write(shard)
-                    del expected[shard]
-    if error is not None:  # shards that lost requests to crashes
-        for shard in sorted(expected):
-            write(shard)
-    elif buffers:
-        raise RuntimeError(f"incomplete shards after generation: {sorted(buffers)}")
+        collect_shards(ds, expected, n, lambda row: row["shard"], write, error=error, keep=keep,
+                       what=str(stage.dir))  # fmt: skip
 
 
 def run_student(
