@@ -35,7 +35,7 @@ from qup_ray import faults
 from qup_ray.config import REPO_ROOT, ExperimentConfig
 from qup_ray.models import resolve_model
 from qup_ray.rundir import RunDir, Stage, StageError, read_json, train_cell_settings, train_streams
-from qup_ray.training.loop import CellSpec, train_loop_per_worker
+from qup_ray.training.loop import CANNOT_TRAIN, CellSpec, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
 
@@ -214,14 +214,24 @@ def run(cfg: ExperimentConfig, *, force: bool = False, cells: list[str] | None =
             # clears stale outputs (not checkpoints, unless --force); records a failure
             stack.enter_context(stage.running())
             Path(spec.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+            (Path(spec.cell_dir) / CANNOT_TRAIN).unlink(missing_ok=True)
         seen = stack.enter_context(stop_on_signals(stop_file))
         trainer_for(cfg, loop_config, out / "_ray").fit()
     restarts = max(0, len(list(Path(loop_config["events_dir"]).glob("start-*"))) - 1)
-    finished = 0
+    finished, cannot = 0, []
     for stage, spec in pending:
         if (Path(spec.cell_dir) / "_train_summary.json").is_file():
             _finish_cell(cfg, stage, spec.cell_id, spec.checkpoint_dir, restarts)
             finished += 1
+        elif (Path(spec.cell_dir) / CANNOT_TRAIN).is_file():
+            cannot.append(
+                f"{spec.cell_id}: {read_json(Path(spec.cell_dir) / CANNOT_TRAIN)['reason']}"
+            )
+    if cannot:
+        raise StageError(
+            f"{len(cannot)} of {len(pending)} cells cannot train ({finished} trained):\n  "
+            + "\n  ".join(cannot)
+        )
     if finished < len(pending):
         raise TrainingInterrupted(
             f"training stopped by {seen['signal'] or 'a stop request'} after {finished} of "
