@@ -104,18 +104,21 @@ def load_raw_rows(source: DatasetSource, cache_root: Path | None = None) -> Iter
         return _load_local(Path(source.path).expanduser(), source.split)
     import datasets
 
+    folder = hub_folder(source, cache_root)
+    return datasets.load_dataset(str(folder), source.config, split=source.split)
+
+
+def hub_folder(source: DatasetSource, cache_root: Path | None = None) -> Path:
+    """The folder a hub source loads from: a local mirror it names, else the snapshot `qup fetch`
+    put in the Hugging Face cache at the pinned revision (missing under HF_HUB_OFFLINE=1: one
+    error naming it, not a traceback from `datasets`)."""
     from qup_ray.fetch import local_snapshot
 
     if not source.dataset:
         raise DataSourceError("kind 'hub' needs `dataset`")
     if Path(source.dataset).expanduser().is_dir():  # a local mirror of a hub dataset
-        return datasets.load_dataset(
-            str(Path(source.dataset).expanduser()), source.config, split=source.split
-        )
-    # The snapshot `qup fetch` put in the Hugging Face cache, at the pinned revision: a dataset
-    # missing there under HF_HUB_OFFLINE=1 is one error naming it, not a traceback from `datasets`.
-    folder = local_snapshot(source.dataset, "dataset", source.revision, cache_root=cache_root)
-    return datasets.load_dataset(str(folder), source.config, split=source.split)
+        return Path(source.dataset).expanduser()
+    return local_snapshot(source.dataset, "dataset", source.revision, cache_root=cache_root)
 
 
 # --------------------------------------------------------------------------------------------

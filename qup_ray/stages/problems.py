@@ -25,6 +25,7 @@ from qup_ray.config import ExperimentConfig, result_view
 from qup_ray.data import (
     PROBLEM_SCHEMA,
     REJECTED_SCHEMA,
+    hub_folder,
     iter_problems,
     load_problems,
     normalize_text,
@@ -84,6 +85,8 @@ def run(cfg: ExperimentConfig, *, force: bool = False) -> Path:
     stage = Stage(RunDir.for_config(cfg).root / "problems", config_hash, force=force)
     if stage.is_done():
         return stage.dir
+    if pc.source.kind == "hub":  # a missing source is named before the benchmarks are loaded
+        hub_folder(pc.source)
     with stage.running():
         index = None
         if pc.decontaminate and cfg.evaluation.benchmarks:
