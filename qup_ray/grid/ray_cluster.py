@@ -153,19 +153,25 @@ def own_processes(temp_dir: Path, session: int | None = None) -> list[psutil.Pro
 
 def stop_own_processes(temp_dir: Path, session: int | None = None, timeout_s: float = 5.0) -> int:
     """SIGTERM, then SIGKILL after `timeout_s`, to this job's Ray processes only. Returns how
-    many there were."""
-    procs = own_processes(temp_dir, session)
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(alive, timeout=5)
-    if procs:
-        logger.info("stopped %d Ray processes of %s", len(procs), temp_dir)
-    return len(procs)
+    many there were. A raylet can fork a worker while it is being stopped, so the search is
+    repeated until it finds nothing (a few rounds at most)."""
+    stopped = 0
+    for _ in range(5):
+        procs = own_processes(temp_dir, session)
+        if not procs:
+            break
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(signal.SIGTERM)
+        _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(alive, timeout=5)
+        stopped += len(procs)
+    if stopped:
+        logger.info("stopped %d Ray processes of %s", stopped, temp_dir)
+    return stopped
 
 
 def start_node(
