@@ -104,6 +104,16 @@ class CpuWorldSettings(BaseModel):
     """Held-out problems of the build-time pass@8 check."""
     noise_rate: float = Field(0.05, ge=0, le=1)
     """Fraction of training targets with one digit changed, so students also learn mistakes."""
+    compact_text_rate: float = Field(0.15, ge=0, le=1)
+    """Fraction of training sequences that are plain documents (no chat template): a problem
+    and its solution in the oracle's ``compact`` style, as a base model's pre-training corpus
+    holds dense symbolic text besides its native one. The student still answers in its native
+    style, but compact text is no longer unknown to it, so that its perplexity can sit a modest
+    factor above the student's own as in the paper, not orders of magnitude above (the
+    calibration targets are in ``docs/cpu-paradox.md``)."""
+    reference_text_rate: float = Field(0.1, ge=0, le=1)
+    """Fraction of training sequences that are plain documents with a ``reference``-style
+    (textbook, NuminaMath-like) solution."""
     next_turn_rate: float = Field(0.75, ge=0, le=1)
     """Fraction of training sequences that go on past the turn end into another user turn (the
     rest end with the EOS), as a base model's data does: sampled without the family's stop
@@ -121,6 +131,12 @@ class CpuWorldSettings(BaseModel):
     weights trained further on the DeepSeek chat template."""
     reward_fit_steps: int = Field(300, ge=0)
     """Steps fitting each reward head to prefer correct, compact traces (0: random heads)."""
+
+    @model_validator(mode="after")
+    def _check_rates(self) -> CpuWorldSettings:
+        if self.compact_text_rate + self.reference_text_rate >= 1:
+            raise ValueError("compact_text_rate + reference_text_rate must stay below 1")
+        return self
 
     def cache_root(self) -> Path:
         """The resolved cache root directory."""
