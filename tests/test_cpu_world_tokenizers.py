@@ -4,9 +4,14 @@ test_cpu_world_build.py)."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from transformers import AutoTokenizer
 
+from qup_ray.cpu_world.settings import CpuWorldSettings
+from qup_ray.cpu_world.students import _encode_examples
+from qup_ray.cpu_world.synthetic import sample_problems
 from qup_ray.cpu_world.tokenizer import (
     COT_INSTRUCTION,
     LAYOUTS,
@@ -126,3 +131,29 @@ def test_deepseek_template_keeps_only_the_answer_after_think(tokenizers):
     chat = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "r</think>A"}]
     text = tokenizers["deepseek"].apply_chat_template(chat, tokenize=False)
     assert text.endswith("<｜Assistant｜>A<｜end▁of▁sentence｜>")
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_training_mix_holds_plain_documents_in_the_other_styles(tokenizers, name):
+    """Most training sequences are chats answered in the native style; the documents' share
+    follows the settings, each is the problem then a compact or reference solution, closed by
+    the EOS, with the loss on the solution only."""
+    layout, tokenizer = LAYOUTS[name], tokenizers[name]
+    settings = CpuWorldSettings()
+    problems = sample_problems(400, seed=5)
+    examples = _encode_examples(problems, tokenizer, layout, settings, random.Random(0))
+    texts = [tokenizer.decode(e.input_ids) for e in examples]
+    chats = [t for t in texts if layout.turn_end in t and "First, we" in t]
+    documents = [(e, t) for e, t in zip(examples, texts, strict=True) if t not in chats]
+    share = settings.compact_text_rate + settings.reference_text_rate
+    assert abs(len(documents) / len(examples) - share) < 0.06
+    styles = {"compact": 0, "reference": 0}
+    for e, text in documents:
+        assert layout.turn_end not in text or layout.turn_end == layout.eos_token
+        assert text.endswith(layout.eos_token)
+        solution = tokenizer.decode(e.input_ids[e.num_prompt_tokens :])
+        p = next(p for p in problems if text.startswith((layout.bos_token or "") + p.problem))
+        style = "compact" if solution.startswith(p.compact) else "reference"
+        assert solution == p.render(style) + layout.eos_token
+        styles[style] += 1
+    assert styles["compact"] > styles["reference"] > 0
