@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from qup_ray.cpu_world.boxed import last_boxed, normalize_answer
-from qup_ray.cpu_world.synthetic import SolvedProblem, solve_problem_text
+from qup_ray.cpu_world.synthetic import SolvedProblem, latex_result, solve_problem_text
 
 RequestKind = Literal["judge", "style_aligned", "refine", "solve", "unrecognised"]
 
@@ -109,8 +109,6 @@ def quoted_trace(messages: Sequence[dict]) -> str | None:
 
 
 _NUMBER_RE = re.compile(r"\d+(?:\.\d+)?")
-# A step's result at the end of its line: "... to get 2x = 10." or "So x = 5."
-_RESULT_RE = re.compile(r"^(?P<head>.*?\b(?:to get|So)) (?P<math>[^a-wz].*?)\.$")
 
 
 def repair_trace(trace: str, solved: SolvedProblem, compact: bool) -> str:
@@ -132,7 +130,7 @@ def repair_trace(trace: str, solved: SolvedProblem, compact: bool) -> str:
     for i, target in enumerate(right_steps):
         steps.append(_repair_step(mine_steps[i], target) if i < len(mine_steps) else target)
     if compact:
-        steps = [_compact_result(step) for step in steps]
+        steps = [latex_result(step) for step in steps]
         conclusion = f"\\(\\therefore \\boxed{{{solved.answer}}}\\)"
     return "\n".join([*steps, conclusion])
 
@@ -140,15 +138,6 @@ def repair_trace(trace: str, solved: SolvedProblem, compact: bool) -> str:
 def _repair_step(mine: str, target: str) -> str:
     """``mine`` if its numbers are the right step's (its wording is kept), else the right step."""
     return mine if _NUMBER_RE.findall(mine) == _NUMBER_RE.findall(target) else target
-
-
-def _compact_result(step: str) -> str:
-    """``... to get 2x = 10.`` -> ``... to get \\(2x=10\\).`` (other steps unchanged)."""
-    m = _RESULT_RE.match(step)
-    if m is None or "\\(" in step:
-        return step
-    parts = [f"\\({part.replace(' ', '')}\\)" for part in m["math"].split(" and ")]
-    return f"{m['head']} {' and '.join(parts)}."
 
 
 def judge_score(text: str) -> int:
