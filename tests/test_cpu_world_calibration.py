@@ -134,12 +134,15 @@ def test_refinement_is_a_minimal_repair_distinct_from_synthesis(measured):
     retention = []
     for i, own in streams["own"].items():
         refined, synthesized = streams["refined"][i], streams["synthesized"][i]
-        assert refined != synthesized
+        # A student now and then answers in the compact style (a minority of its training chats);
+        # such a trace is repaired against the compact solution, which it may already be.
+        right = problems[i].compact if own.startswith("\\(") else problems[i].native
+        assert refined != synthesized or own == synthesized
         assert is_correct(refined, problems[i].answer) and is_correct(
             synthesized, problems[i].answer
         )
         # The student's steps stay: as many lines, the scaffolding words kept.
-        assert len(refined.splitlines()) == len(problems[i].native.splitlines())
+        assert len(refined.splitlines()) == len(right.splitlines())
         assert refined.splitlines()[0].split()[0] == own.splitlines()[0].split()[0]
         text = "\n".join(m["content"] for m in retention_judge_messages(own, refined))
         retention.append(judge_score(text))

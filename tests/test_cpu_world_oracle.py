@@ -23,7 +23,7 @@ from qup_ray.cpu_world.oracle_rules import (
 )
 from qup_ray.cpu_world.oracle_server import FaultConfig
 from qup_ray.cpu_world.students import corrupt_one_digit
-from qup_ray.cpu_world.synthetic import sample_problems
+from qup_ray.cpu_world.synthetic import latex_results, sample_problems
 
 PROBLEMS = sample_problems(50, seed=21)
 REFINE = "Problem:\n{problem}\n\nStudent solution:\n{trace}\n\nRepair any mistake in the solution."
@@ -85,6 +85,12 @@ def test_repair_keeps_correct_steps_and_adds_missing_ones():
     # Wording of a step with the right numbers is the student's own.
     reworded = "\n".join([steps[0].replace("First, we", "We first"), *steps[1:]])
     assert repair_trace(reworded, p, compact=False).splitlines()[0].startswith("We first")
+    # A trace in the compact style is repaired against the compact solution: kept when right.
+    assert repair_trace(p.compact, p, compact=True) == p.compact
+    wrong = p.compact.replace(f"{{{p.answer}}}", "{0}" if p.answer != "0" else "{1}")
+    assert repair_trace(wrong, p, compact=True) == p.compact
+    # A trace with its results already in inline LaTeX keeps them.
+    assert repair_trace(latex_results(p.native), p, compact=True) == repair_trace(p.native, p, True)
 
 
 def test_retention_judge_scores_style_preserving_rewrites_higher(rule_oracle):

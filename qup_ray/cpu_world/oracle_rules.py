@@ -120,11 +120,13 @@ def repair_trace(trace: str, solved: SolvedProblem, compact: bool) -> str:
     answer. With ``compact``, part of the wording is compacted as the paper's oracle does: each
     step's result becomes inline LaTeX (``to get \\(2x=10\\)``) and the conclusion the compact
     style's ``\\(\\therefore \\boxed{...}\\)``; the sentences, their order and their scaffolding
-    words stay the student's.
+    words stay the student's. A trace the student wrote in the compact style (its first line
+    is LaTeX, as a student answers now and then) is compared with the compact solution's
+    steps instead, so a right one is kept as written.
     """
-    right = solved.native.splitlines()
-    right_steps, conclusion = right[:-1], right[-1]
     mine = [line.strip() for line in trace.splitlines() if line.strip()]
+    right = (solved.compact if mine and mine[0].startswith("\\(") else solved.native).splitlines()
+    right_steps, conclusion = right[:-1], right[-1]
     mine_steps = [line for line in mine if "\\boxed{" not in line]
     steps = []
     for i, target in enumerate(right_steps):
