@@ -112,10 +112,6 @@ def measured(cpu_world) -> dict[str, dict]:
     return out
 
 
-# World 5f8130f83ef3123b (15% compact, 10% reference documents) brought the oracle's styles from
-# ~1e5x to ~20x the own PPL, still outside the window (docs/cpu-paradox.md, "Status"); strict,
-# so the marker must go once a rebuilt world meets the targets.
-@pytest.mark.xfail(strict=True, reason="the CPU world does not meet the PPL window yet")
 @pytest.mark.parametrize("student", ["tiny-qwen2", "tiny-llama"])
 def test_perplexity_has_the_papers_ordering_and_ratios(measured, student):
     ppl = measured[student]["ppl"]
