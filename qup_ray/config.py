@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError
 
 from qup_ray.cpu_world.settings import CpuWorldSettings
 
@@ -346,7 +346,8 @@ class TrainingConfig(StrictModel):
     """Stage `train`: SFT and DFT of each student on each stream (Ray Train + DeepSpeed).
 
     One cell per student x stream x objective x variant (the base learning rate and batch, plus
-    each `robustness` entry), written to `train/<student>/<stream>/<objective>[-<variant>]/`."""
+    each `robustness` entry) x seed (`seeds`), written to
+    `train/<student>/<stream>/<objective>[-<variant>][-seed<N>]/`."""
 
     objectives: list[Literal[OBJECTIVES]] = list(OBJECTIVES)  # type: ignore[valid-type]
     """`sft`: token cross-entropy; `dft`: cross-entropy weighted by stop-grad p(target)."""
@@ -403,7 +404,14 @@ class TrainingConfig(StrictModel):
     tensorboard: bool = True
     """Write TensorBoard event files to the cell folder (`tensorboard/`)."""
     seed: int = 0
-    """Data order and init seed."""
+    """Data order and init seed of a cell (with `seeds`: the seed whose cells keep the plain
+    folder names)."""
+    seeds: list[NonNegativeInt] | None = Field(None, min_length=1)
+    """Training seeds, a grid dimension: every student x stream x objective x variant cell is
+    trained and evaluated once per seed (data order and init), and the report pools the seeds
+    (Total Avg as the mean over seeds, intervals over seeds and problems). Unset: one seed,
+    `seed`. The cells of `seed` keep the plain folder names (`dft`), every other seed adds
+    `-seed<N>` (`dft-seed1`), so adding seeds to a finished run trains only the new cells."""
     robustness: list[dict[str, float]] = []
     """Extra (learning_rate, global_batch_size) settings run for robustness, e.g.
     `[{learning_rate: 2e-5, global_batch_size: 128}]`."""
@@ -432,6 +440,11 @@ def _training_checks(data: dict, stream_names: list[str]) -> list[str]:
                 f"{path}: must be a multiple of micro_batch_size_per_worker x num_workers = "
                 f"{micro} x {workers} = {micro * workers} (got {batch})"
             )
+    seeds = training.get("seeds")
+    if isinstance(seeds, list):
+        repeated = sorted({s for s in seeds if isinstance(s, int) and seeds.count(s) > 1})
+        if repeated:
+            problems.append(f"training.seeds: seeds repeated {repeated} (got {seeds})")
     wanted = training.get("streams")
     for i, name in enumerate(wanted if isinstance(wanted, list) else []):
         if name not in stream_names:

@@ -21,7 +21,7 @@ import logging
 import math
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,18 +104,21 @@ def load_raw_rows(source: DatasetSource, cache_root: Path | None = None) -> Iter
         return _load_local(Path(source.path).expanduser(), source.split)
     import datasets
 
+    folder = hub_folder(source, cache_root)
+    return datasets.load_dataset(str(folder), source.config, split=source.split)
+
+
+def hub_folder(source: DatasetSource, cache_root: Path | None = None) -> Path:
+    """The folder a hub source loads from: a local mirror it names, else the snapshot `qup fetch`
+    put in the Hugging Face cache at the pinned revision (missing under HF_HUB_OFFLINE=1: one
+    error naming it, not a traceback from `datasets`)."""
     from qup_ray.fetch import local_snapshot
 
     if not source.dataset:
         raise DataSourceError("kind 'hub' needs `dataset`")
     if Path(source.dataset).expanduser().is_dir():  # a local mirror of a hub dataset
-        return datasets.load_dataset(
-            str(Path(source.dataset).expanduser()), source.config, split=source.split
-        )
-    # The snapshot `qup fetch` put in the Hugging Face cache, at the pinned revision: a dataset
-    # missing there under HF_HUB_OFFLINE=1 is one error naming it, not a traceback from `datasets`.
-    folder = local_snapshot(source.dataset, "dataset", source.revision, cache_root=cache_root)
-    return datasets.load_dataset(str(folder), source.config, split=source.split)
+        return Path(source.dataset).expanduser()
+    return local_snapshot(source.dataset, "dataset", source.revision, cache_root=cache_root)
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,23 +219,36 @@ def normalize_row(raw: dict, fields: dict[str, str], benchmark: str) -> tuple[di
     }, ""
 
 
-def load_problems(
+def iter_problems(
     source: DatasetSource, benchmark: str = "", cache_root: Path | None = None
-) -> tuple[list[dict], list[dict]]:
-    """Load and normalise a source: (rows, rejected rows with reasons)."""
-    rows, rejected = [], []
-    num_loaded = 0
+) -> Iterator[tuple[dict | None, dict | None]]:
+    """A source's rows one at a time, in order: `(row, None)` for a usable row in the
+    project's schema, `(None, rejected)` (with its reason) for one that is not."""
+    num_loaded = num_rejected = 0
     for i, raw in enumerate(load_raw_rows(source, cache_root)):
         num_loaded += 1
         row, reason = normalize_row(dict(raw), source.fields, benchmark)
         if row is None:
-            rejected.append(
-                {"row_index": i, "benchmark": benchmark, "reason": reason, "raw": repr(raw)[:2000]}
-            )
+            num_rejected += 1
+            yield None, {"row_index": i, "benchmark": benchmark, "reason": reason,
+                         "raw": repr(raw)[:2000]}  # fmt: skip
+        else:
+            yield row, None
+    if num_rejected:
+        logger.warning(
+            "%s: %d of %d rows rejected", benchmark or "problems", num_rejected, num_loaded
+        )
+
+
+def load_problems(
+    source: DatasetSource, benchmark: str = "", cache_root: Path | None = None
+) -> tuple[list[dict], list[dict]]:
+    """Load and normalise a source: (rows, rejected rows with reasons). For benchmarks and
+    tests; the problems stage streams a source with `iter_problems`."""
+    rows, rejected = [], []
+    for row, bad in iter_problems(source, benchmark, cache_root):
+        if row is None:
+            rejected.append(bad)
         else:
             rows.append(row)
-    if rejected:
-        logger.warning(
-            "%s: %d of %d rows rejected", benchmark or "problems", len(rejected), num_loaded
-        )
     return rows, rejected

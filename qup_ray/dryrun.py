@@ -1,8 +1,8 @@
 """`qup dryrun`: the whole paper on this machine, through the grid launcher's own code path.
 
 The dry run is `qup grid` with `configs/clusters/local.yaml`: the same jobs and dependencies as
-on SLURM, run one after the other by submitit's local executor, each job in its own process with
-its own Ray cluster. Everything a job prints (vLLM, Ray, DeepSpeed, training) goes to that job's
+on SLURM, run one after the other by submitit's local executor, each job in its own process; all
+jobs share one Ray cluster, started before the first and stopped after the last. Everything a job prints (vLLM, Ray, DeepSpeed, training) goes to that job's
 log files under `<run>/<log_dir>/<job id>/`; the terminal gets one line when a job starts and one
 when it ends, with the counts that matter, and on a failure the path of the log that explains it.
 A second dry run finds every job finished and returns in seconds.
@@ -122,9 +122,12 @@ def run_dryrun(
     cfg: ExperimentConfig, cluster: ClusterConfig, echo: Echo, *, verbose: bool = False
 ) -> int:
     """Launch the grid of `cfg` on `cluster` (a local executor), print one line per job, and
-    return the exit code (0 when every job succeeded). Writes `<run>/dryrun.json` with the wall
-    time of every job."""
+    return the exit code (0 when every job succeeded). Writes `<run>/dryrun.json`: the wall time
+    of every job, of the shared Ray cluster's start and stop, and `breakdown_s`, where the
+    whole run's seconds went (jobs, Ray, and the launcher's own planning: they sum to
+    `total_s`)."""
     from qup_ray.grid import launch
+    from qup_ray.grid.submit import SHARED_RAY
 
     t0 = time.time()
     root = cfg.run_dir
@@ -133,6 +136,11 @@ def run_dryrun(
     jobs_by_name: dict[str, tuple[str, list[str]]] = {}
 
     def progress(name: str, job_id: str, state: str) -> None:
+        if name == SHARED_RAY:
+            ticker.clear()
+            if state == "STARTED":
+                echo(f"  {'ray':<10} up at {job_id}: one Ray cluster for every job")
+            return
         stage, outputs = jobs_by_name.get(name, ("", []))
         now = time.time()
         if state == "RUNNING":
@@ -165,8 +173,16 @@ def run_dryrun(
     finally:
         ticker.stop()
     total = round(time.time() - t0, 1)
+    ray = result.shared_ray
+    if ray:
+        echo(
+            f"  {'ray':<10} start {ray.get('start_s', 0):.0f} s + stop {ray.get('stop_s', 0):.0f} s"
+        )
     if timings or not (root / "dryrun.json").is_file():  # a run that ran nothing keeps the last
-        write_json(root / "dryrun.json", {"total_s": total, "jobs": timings, "ok": result.ok})
+        write_json(root / "dryrun.json", {
+            "total_s": total, "jobs": timings, "ok": result.ok, "shared_ray": ray,
+            "breakdown_s": breakdown(total, timings, ray),
+        })  # fmt: skip
     if not result.ok:
         failed = [n for n, s in result.states.items() if s != "COMPLETED"]
         echo(f"dry run FAILED after {total:.0f} s: {', '.join(failed)} (logs above)")
@@ -178,3 +194,14 @@ def run_dryrun(
     for line in verdict_lines(root)[:3]:
         echo(f"  verdict: {line}")
     return 0
+
+
+def breakdown(total_s: float, jobs: dict[str, dict], ray: dict[str, float]) -> dict[str, float]:
+    """Where a run's seconds went: the Ray cluster's start, each job, its stop, and
+    the rest (planning, records, summaries): the values sum to `total_s`."""
+    parts = {"ray_start": ray.get("start_s", 0.0)} if ray else {}
+    parts |= {name: float(t.get("seconds", 0.0)) for name, t in jobs.items()}
+    if ray:
+        parts["ray_stop"] = ray.get("stop_s", 0.0)
+    parts["launcher"] = round(total_s - sum(parts.values()), 1)
+    return parts

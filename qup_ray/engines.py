@@ -25,7 +25,8 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections import Counter, defaultdict
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -283,6 +284,34 @@ def isolating_crashes(
     with tolerating_crashes():
         retry_pass(why)
     return why
+
+
+def collect_shards(
+    ds: Any, expected: Counter, num_samples: int, shard_of: Callable[[dict], Hashable],
+    write: Callable[[Hashable, list[dict]], None], *, error: str | None = None,
+    keep: Callable[[dict], dict] = lambda row: row, what: str = "generation",
+) -> None:  # fmt: skip
+    """Rows of a generate -> grade dataset into their shards: `write(shard, rows)` is called
+    once a shard (`shard_of(row)`) holds its `expected[shard]` problems x `num_samples` samples.
+    Rows arrive in completion order and are keyed by (problem, sample), so a redone batch never
+    adds a row twice. After an isolating pass (`error`), the shards still short are written too
+    (their missing problems crashed their actor every time); otherwise a short shard is an
+    error. `keep` trims a row before it is held."""
+    expected = Counter(expected)
+    buffers: dict[Hashable, dict[tuple[str, int], dict]] = defaultdict(dict)
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for row in batch.to_pylist():
+            shard = shard_of(row)
+            if shard not in expected:  # written already: a redone batch's late copy
+                continue
+            buffers[shard][(row["problem_id"], row["sample_idx"])] = keep(row)
+            if len(buffers[shard]) == expected[shard] * num_samples:
+                write(shard, list(buffers.pop(shard).values()))
+                del expected[shard]
+    if expected and error is None:  # a shard short of samples, or with none at all
+        raise RuntimeError(f"{what}: incomplete shards after generation: {sorted(expected)}")
+    for shard in sorted(expected):  # shards that lost requests to crashes
+        write(shard, list(buffers.pop(shard, {}).values()))
 
 
 def run_engine_pool(

@@ -5,6 +5,7 @@ chosen point, so the recovery paths run for real.
     QUP_FAULT="engine:rollouts:after_batches=2"   # a rollouts engine actor dies on its 3rd batch, once
     QUP_FAULT="engine:score:poison=ab12"          # a score engine actor dies on every batch with a
                                                   # row whose text columns contain "ab12"
+    QUP_FAULT="engine:eval:poison=<problem_id>"   # one benchmark problem crashes eval every time
     QUP_FAULT="train:rank=1:after_steps=3"        # training worker of rank 1 dies after its 3rd
                                                   # optimizer step, once
     QUP_FAULT="engine:eval:after_batches=0;train:rank=0:after_steps=5"   # several, `;`-separated
@@ -14,7 +15,8 @@ driver (`qup run ...`) and handed to the actors and workers it starts, so it rea
 "Once" means once per pool or training run: the first process to fire creates a marker file in
 the state directory it is given (the engine pool's events directory, the training cell's
 directory), and processes that find the marker (the restarted actor or worker) live on. A poison
-fault fires every time: that is what a poison input does.
+fault fires every time: that is what a poison input does. Its TEXT is matched against every text
+column of the batch (eval's rows also carry their model's path): a problem id names one row.
 """
 
 from __future__ import annotations

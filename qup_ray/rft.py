@@ -7,10 +7,12 @@ length outliers, exact duplicates. Each filter's count goes to the manifest.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 import statistics
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 
 from qup_ray.answers import answer_parts, gold_from_solution
 from qup_ray.config import RftFilterConfig
@@ -57,38 +59,69 @@ def filter_reason(row: dict, cfg: RftFilterConfig, max_tokens: float) -> str | N
 
 
 def rft_candidates(
-    rollouts: list[dict], problem_ids: set[str], cfg: RftFilterConfig
+    rollouts: Iterable[dict],
+    problem_ids: set[str],
+    cfg: RftFilterConfig,
+    lengths: Sequence[int] | None = None,
+    fields: Sequence[str] | None = None,
 ) -> tuple[dict[str, list[dict]], dict[str, int]]:
     """The correct traces of each problem of `problem_ids` that pass the light filters (in
-    sample order), and the count of each filter: the pool SLM-RFT (and `slm_min_ppl`) pick from."""
-    correct = [r for r in rollouts if r["correct"] is True and r["problem_id"] in problem_ids]
-    lengths = [r["num_tokens"] for r in correct]
+    sample order), and the count of each filter: the pool SLM-RFT (and `slm_min_ppl`) pick from.
+
+    `rollouts` may be a stream (one pass over a table's rows) when `lengths` gives the
+    `num_tokens` of its correct rows of `problem_ids` up front: the length-outlier limit needs
+    them all before the first row is judged. With `fields`, a candidate keeps only those
+    columns (bookkeeping without the text; exact duplicates are found by a digest)."""
+    if lengths is None:
+        rollouts = list(rollouts)
+        lengths = [r["num_tokens"] for r in rollouts
+                   if r["correct"] is True and r["problem_id"] in problem_ids]  # fmt: skip
     if len(lengths) >= 2:
         max_tokens = statistics.fmean(lengths) + cfg.length_outlier_z * statistics.pstdev(lengths)
     else:
         max_tokens = float("inf")
     counts: Counter[str] = Counter()
-    by_problem: dict[str, list[dict]] = defaultdict(list)
-    seen_texts: set[tuple[str, str]] = set()
-    for row in sorted(correct, key=lambda r: (r["problem_id"], r["sample_idx"])):
+    found: dict[str, list[tuple[int, bytes, dict]]] = defaultdict(list)
+    num_correct, solved = 0, set()
+    for row in rollouts:
+        if row["correct"] is not True or row["problem_id"] not in problem_ids:
+            continue
+        num_correct += 1
+        solved.add(row["problem_id"])
         reason = filter_reason(row, cfg, max_tokens)
-        if reason is None and (row["problem_id"], row["response"]) in seen_texts:
-            reason = "exact_duplicate"
         if reason is not None:
             counts[reason] += 1
             continue
-        seen_texts.add((row["problem_id"], row["response"]))
-        by_problem[row["problem_id"]].append(row)
-    counts["correct_traces"] = len(correct)
-    counts["problems_all_filtered"] = len({r["problem_id"] for r in correct} - set(by_problem))
-    return dict(by_problem), dict(counts)
+        kept = {k: row[k] for k in fields} if fields is not None else row
+        digest = hashlib.sha256(row["response"].encode()).digest()
+        found[row["problem_id"]].append((row["sample_idx"], digest, kept))
+    by_problem: dict[str, list[dict]] = {}
+    for pid in sorted(found):
+        # The first of identical traces (in sample order) is kept, whatever order rows came in.
+        seen: set[bytes] = set()
+        for _, digest, kept in sorted(found[pid], key=lambda c: c[0]):
+            if digest in seen:
+                counts["exact_duplicate"] += 1
+                continue
+            seen.add(digest)
+            by_problem.setdefault(pid, []).append(kept)
+    counts["correct_traces"] = num_correct
+    counts["problems_all_filtered"] = len(solved - set(by_problem))
+    return by_problem, dict(counts)
 
 
 def select_rft(
-    rollouts: list[dict], problem_ids: set[str], cfg: RftFilterConfig, seed: int
+    rollouts: Iterable[dict],
+    problem_ids: set[str],
+    cfg: RftFilterConfig,
+    seed: int,
+    lengths: Sequence[int] | None = None,
+    fields: Sequence[str] | None = None,
 ) -> tuple[list[dict], dict[str, int]]:
-    """One correct, filtered trace per problem of `problem_ids`; and the count of each filter."""
-    by_problem, counts = rft_candidates(rollouts, problem_ids, cfg)
+    """One correct, filtered trace per problem of `problem_ids`; and the count of each filter
+    (`lengths` and `fields` as in `rft_candidates`; `fields` must hold `num_tokens` and
+    `sample_idx`, which `shortest` compares)."""
+    by_problem, counts = rft_candidates(rollouts, problem_ids, cfg, lengths, fields)
     rng = random.Random(seed)
     chosen = []
     for pid in sorted(by_problem):

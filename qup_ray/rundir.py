@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -60,6 +60,9 @@ REJECTED_SCHEMA = pa.schema(
     [("problem_id", pa.string()), ("table", pa.string()), ("reason", pa.string()),
      ("num_tokens", pa.int64()), ("limit", pa.int64())]
 )  # fmt: skip
+CRASHED_SCHEMA = REJECTED_SCHEMA.append(pa.field("error", pa.string()))
+"""A rejected table that also holds the requests that crashed their engine actor every time they
+were sent (reason `engine_crash`, with the pipeline's error; None for the other reasons)."""
 
 
 STREAM_SCHEMA = pa.schema(
@@ -110,20 +113,28 @@ def to_table(rows: pa.Table | list[dict] | Any) -> pa.Table:
     return pa.Table.from_pandas(rows, preserve_index=False)
 
 
-def write_parquet(path: str | Path, data: pa.Table | list[dict] | Iterable[pa.RecordBatch]) -> Path:
+def write_parquet(
+    path: str | Path,
+    data: pa.Table | list[dict] | Iterable[pa.RecordBatch | pa.Table],
+    schema: pa.Schema | None = None,
+) -> Path:
     """Write a Parquet file atomically. `data` may be a table, rows, or an iterator of batches
-    (streamed with a ParquetWriter, so large outputs need not fit in memory)."""
+    or tables (streamed with a ParquetWriter, so large outputs need not fit in memory; with a
+    `schema`, an iterator that yields nothing writes an empty table)."""
     path = Path(path)
     with _atomic_path(path) as tmp:
         if isinstance(data, pa.Table | list) or hasattr(data, "to_dict"):
             pq.write_table(to_table(data), tmp)
         else:
-            writer = None
+            writer = pq.ParquetWriter(tmp, schema) if schema is not None else None
             try:
                 for batch in data:
                     if writer is None:
                         writer = pq.ParquetWriter(tmp, batch.schema)
-                    writer.write_batch(batch)
+                    if isinstance(batch, pa.Table):
+                        writer.write_table(batch)
+                    else:
+                        writer.write_batch(batch)
             finally:
                 if writer is not None:
                     writer.close()
@@ -132,9 +143,63 @@ def write_parquet(path: str | Path, data: pa.Table | list[dict] | Iterable[pa.Re
     return path
 
 
-def read_parquet(path: str | Path) -> pa.Table:
-    """Read one Parquet table."""
-    return pq.read_table(path)
+def read_parquet(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """Read one Parquet table (only `columns`, when given)."""
+    return pq.read_table(path, columns=columns)
+
+
+BATCH_ROWS = 4096
+"""Rows per batch when a stage streams a table: its memory is a batch, not the table."""
+
+
+def iter_batches(
+    paths: str | Path | Iterable[str | Path],
+    columns: list[str] | None = None,
+    batch_rows: int = BATCH_ROWS,
+) -> Iterator[pa.RecordBatch]:
+    """The record batches of one or more Parquet files, in order, one batch in memory at a
+    time: how a stage reads a table that grows with the run."""
+    for path in [paths] if isinstance(paths, str | Path) else paths:
+        with pq.ParquetFile(path) as f:
+            yield from f.iter_batches(batch_size=batch_rows, columns=columns)
+
+
+def iter_rows(
+    paths: str | Path | Iterable[str | Path],
+    columns: list[str] | None = None,
+    batch_rows: int = BATCH_ROWS,
+) -> Iterator[dict[str, Any]]:
+    """The rows of one or more Parquet files as dicts, one batch converted at a time."""
+    for batch in iter_batches(paths, columns, batch_rows):
+        yield from batch.to_pylist()
+
+
+@contextlib.contextmanager
+def table_writer(
+    path: str | Path, schema: pa.Schema, batch_rows: int = BATCH_ROWS
+) -> Iterator[Callable[[dict], None]]:
+    """`add(row)` appends one row to a Parquet table written a batch at a time (atomically, as
+    `write_parquet`): a stage that makes rows one by one holds a batch, not the table."""
+    buffer: list[dict] = []
+    with _atomic_path(Path(path)) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+
+        def flush() -> None:
+            writer.write_table(pa.Table.from_pylist(buffer, schema=schema))
+            buffer.clear()
+
+        def add(row: dict) -> None:
+            buffer.append(row)
+            if len(buffer) >= batch_rows:
+                flush()
+
+        yield add
+        if buffer:
+            flush()
+
+
+def num_rows(path: str | Path) -> int:
+    """Rows of a Parquet file, from its footer."""
+    return pq.read_metadata(path).num_rows
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -314,9 +379,12 @@ class Stage:
         return self.dir / f"{table}.parquet"
 
     def write_table(
-        self, table: str, data: pa.Table | list[dict] | Iterable[pa.RecordBatch]
+        self,
+        table: str,
+        data: pa.Table | list[dict] | Iterable[pa.RecordBatch | pa.Table],
+        schema: pa.Schema | None = None,
     ) -> Path:
-        return write_parquet(self.path(table), data)
+        return write_parquet(self.path(table), data, schema)
 
     # ---- shards (resume) --------------------------------------------------------------------
 
@@ -356,10 +424,14 @@ class Stage:
     def write_shard(self, index: int, data: pa.Table | list[dict]) -> Path:
         return write_parquet(self.shard_path(index), data)
 
+    def shard_paths(self) -> list[Path]:
+        """The finished shards' files, in shard order."""
+        return sorted(self.shard_dir.glob("shard-*.parquet"))
+
     def read_shards(self) -> pa.Table:
-        """All finished shards concatenated in shard order."""
-        paths = sorted(self.shard_dir.glob("shard-*.parquet"))
-        tables = [pq.read_table(p) for p in paths]
+        """All finished shards concatenated in shard order (small stages only: the table is
+        held whole; `iter_batches(stage.shard_paths())` streams it)."""
+        tables = [pq.read_table(p) for p in self.shard_paths()]
         return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
 
     # ---- finishing --------------------------------------------------------------------------
@@ -392,24 +464,45 @@ class Stage:
 # --------------------------------------------------------------------------------------------
 
 
-def train_cell_settings(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
-    """Objective folder name -> its objective, learning_rate and global_batch_size: `sft`,
-    `dft`, plus robustness variants like `dft-lr2e-05-bs128`."""
+def _variants(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
+    """Variant name -> objective, learning_rate, global_batch_size: `sft`, `dft`, plus
+    robustness variants like `dft-lr2e-05-bs128`."""
     t = cfg.training
-    cells = {o: {"objective": o, "learning_rate": t.learning_rate,
-                 "global_batch_size": t.global_batch_size} for o in t.objectives}  # fmt: skip
+    variants = {o: {"objective": o, "learning_rate": t.learning_rate,
+                    "global_batch_size": t.global_batch_size} for o in t.objectives}  # fmt: skip
     for extra in t.robustness:
         lr = extra.get("learning_rate", t.learning_rate)
         bs = int(extra.get("global_batch_size", t.global_batch_size))
         for o in t.objectives:
-            cells[f"{o}-lr{lr:.0e}-bs{bs}"] = {
+            variants[f"{o}-lr{lr:.0e}-bs{bs}"] = {
                 "objective": o, "learning_rate": lr, "global_batch_size": bs,
             }  # fmt: skip
-    return cells
+    return variants
+
+
+def seed_cells(cfg: ExperimentConfig) -> dict[str, dict[int, str]]:
+    """Variant (`dft`, `dft-lr2e-05-bs128`) -> training seed -> objective folder name. The
+    seed `training.seed` keeps the plain name, so a one-seed run's layout does not change and
+    adding seeds leaves its cells finished; every other seed adds `-seed<N>`."""
+    t = cfg.training
+    seeds = t.seeds or [t.seed]
+    return {v: {s: v if s == t.seed else f"{v}-seed{s}" for s in seeds} for v in _variants(cfg)}
+
+
+def train_cell_settings(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
+    """Objective folder name -> its objective, learning_rate, global_batch_size and seed: each
+    variant once per training seed (`seed_cells`)."""
+    variants = _variants(cfg)
+    return {
+        folder: {**variants[variant], "seed": seed}
+        for variant, by_seed in seed_cells(cfg).items()
+        for seed, folder in by_seed.items()
+    }
 
 
 def train_cells(cfg: ExperimentConfig) -> list[str]:
-    """Objective folder names: `sft`, `dft`, plus robustness variants like `dft-lr2e-05-bs128`."""
+    """Objective folder names: `sft`, `dft`, robustness variants like `dft-lr2e-05-bs128`, and
+    with several training seeds `dft-seed1` and so on."""
     return list(train_cell_settings(cfg))
 
 

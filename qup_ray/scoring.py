@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +58,11 @@ class ScoreCache:
             for row in pq.read_table(path).to_pylist():
                 self.rows[row.pop("cache_key")] = row
 
-    def key(self, input_ids: list[int], *extra: int) -> str:
+    def key(self, input_ids: Sequence[int] | np.ndarray, *extra: int) -> str:
         """The cache key of one engine input under this model."""
         h = hashlib.sha256(self.identity)
-        h.update(np.asarray([*extra, -1, *input_ids], dtype=np.int64).tobytes())
+        h.update(np.asarray([*extra, -1], dtype=np.int64).tobytes())
+        h.update(np.asarray(input_ids, dtype=np.int64).tobytes())
         return h.hexdigest()
 
     def add(self, table: pa.Table) -> None:
@@ -91,16 +93,13 @@ def engine_batches(
     yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
 
 
-def _score_missing(cache: ScoreCache, rows: list[dict], actor: type, kwargs: dict,
-                   engine: EngineConfig, role: str) -> int:  # fmt: skip
-    """Send the engine each distinct input the cache lacks; returns how many were sent."""
-    missing: dict[str, dict] = {}
-    for r in rows:
-        if r["cache_key"] not in cache.rows and r["cache_key"] not in missing:
-            missing[r["cache_key"]] = r
+def _score_missing(cache: ScoreCache, cache_keys: list[str], missing: dict[str, dict],
+                   actor: type, kwargs: dict, engine: EngineConfig, role: str) -> int:  # fmt: skip
+    """Send the engine each distinct input the cache lacks (`missing`, by cache key); returns
+    how many were sent."""
+    distinct = len(set(cache_keys))
     logger.info("%s: %d inputs, %d distinct, %d cached, %d to score", cache.folder.name,
-                len(rows), len({r["cache_key"] for r in rows}),
-                len({r["cache_key"] for r in rows} - set(missing)), len(missing))  # fmt: skip
+                len(cache_keys), distinct, distinct - len(missing), len(missing))  # fmt: skip
     if missing:
         events = PoolEvents.fresh(cache.folder / "engine_events")
         for batch in engine_batches(
@@ -110,39 +109,57 @@ def _score_missing(cache: ScoreCache, rows: list[dict], actor: type, kwargs: dic
     return len(missing)
 
 
+def engine_input(ids: Sequence[int], **extra: Any) -> dict[str, Any]:
+    """One engine input row. Its ids are int32, not a list of Python ints (a ninth of the
+    memory): the driver holds the inputs still to score, and only those."""
+    return {"input_ids": np.asarray(ids, dtype=np.int32), **extra}
+
+
+def chunks(rows: Iterable[dict], size: int = 1024) -> Iterator[list[dict]]:
+    """`rows` in lists of `size`: tokenizers batch, and only a chunk of texts is held."""
+    it = iter(rows)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
 def score_ppl(
-    cfg: ExperimentConfig, student: str, traces: list[dict], rejected: list[dict]
+    cfg: ExperimentConfig, student: str, traces: Iterable[dict], rejected: list[dict]
 ) -> list[dict]:
     """PPL rows (key, num_tokens, mean_nll, ppl, q1..q4) under `student`, in input order: each
     trace encoded exactly as training encodes it (`ChatFormat.example`). Sequences longer than
-    the engine's limit go to `rejected` instead of the engine."""
+    the engine's limit go to `rejected` instead of the engine. `traces` may stream (rows of
+    `key`, `problem_id`, `problem`, `trace`): no text is kept."""
     model = cfg.students[student]
     path = resolve_model(model.path, cfg)
     fmt = ChatFormat.for_model(path, model.prompt)
     limit = engine_max_len(model.engine, path)
     dtype = None if cfg.scoring.ppl_dtype == "auto" else cfg.scoring.ppl_dtype
     cache = _cache(cfg, "ppl", student, {"path": path, "dtype": dtype}, PPL_CACHE_SCHEMA)
-    rows = []
+    keys: list[tuple[str, str]] = []  # (key, cache key) of each scored trace, in input order
+    missing: dict[str, dict] = {}
     for t in traces:
         ids, start = fmt.example(t["problem"], t["trace"])
         if len(ids) > limit:
             rejected.append({"key": t["key"], **rejected_row(
                 t["problem_id"], "sequence_over_context", len(ids), limit, "ppl")})  # fmt: skip
             continue
-        rows.append({"key": t["key"], "cache_key": cache.key(ids, start),
-                     "input_ids": ids, "response_start": start})  # fmt: skip
+        cache_key = cache.key(ids, start)
+        keys.append((t["key"], cache_key))
+        if cache_key not in cache.rows and cache_key not in missing:
+            missing[cache_key] = engine_input(ids, cache_key=cache_key, response_start=start)
     kwargs = {"model_path": path, "engine": model.engine.model_dump(), "dtype": dtype,
               "cache_dir": str(cfg.cache_root()), "metric_tags": {"student": student, "stage": "score"}}  # fmt: skip
-    engine_rows = [{k: r[k] for k in ("cache_key", "input_ids", "response_start")} for r in rows]
-    _score_missing(cache, engine_rows, VLLMPromptLogprobs, kwargs, model.engine, "score")
-    return [{"key": r["key"], **cache.rows[r["cache_key"]]} for r in rows]
+    _score_missing(cache, [c for _, c in keys], missing, VLLMPromptLogprobs, kwargs, model.engine,
+                   "score")  # fmt: skip
+    return [{"key": key, **cache.rows[cache_key]} for key, cache_key in keys]
 
 
 def score_reward(
-    cfg: ExperimentConfig, rm_name: str, traces: list[dict], rejected: list[dict]
+    cfg: ExperimentConfig, rm_name: str, traces: Iterable[dict], rejected: list[dict]
 ) -> list[dict]:
     """Reward rows (key, reward) of one reward model over all traces, in input order;
-    conversations longer than the reward model's limit go to `rejected`."""
+    conversations longer than the reward model's limit go to `rejected`. `traces` may stream:
+    they are rendered and tokenized a chunk at a time."""
     from transformers import AutoTokenizer
 
     rm = cfg.reward_models[rm_name]
@@ -152,28 +169,33 @@ def score_reward(
     limit = engine_max_len(rm.engine, path)
     identity = {"path": path, "dtype": rm.engine.dtype, "rm_kind": rm.kind, "token_id": rm.token_id}
     cache = _cache(cfg, "reward", rm_name, identity, REWARD_CACHE_SCHEMA)
-    texts = []
-    for t in traces:
-        messages = [{"role": "system", "content": system}] if system else []
-        messages += [
-            {"role": "user", "content": t["problem"]},
-            {"role": "assistant", "content": t["trace"]},
-        ]
-        texts.append(render_chat(tokenizer, messages, add_generation_prompt=False))
-    # The template already holds the special tokens: none added on top (see VLLMRewardScorer).
-    all_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    rows = []
-    for t, ids in zip(traces, all_ids, strict=True):
-        if len(ids) > limit:
-            rejected.append({"key": t["key"], **rejected_row(
-                t["problem_id"], "sequence_over_context", len(ids), limit, f"reward-{rm_name}")})  # fmt: skip
-            continue
-        rows.append({"key": t["key"], "cache_key": cache.key(ids), "input_ids": ids})
+    keys: list[tuple[str, str]] = []
+    missing: dict[str, dict] = {}
+    for chunk in chunks(traces):
+        texts = []
+        for t in chunk:
+            messages = [{"role": "system", "content": system}] if system else []
+            messages += [
+                {"role": "user", "content": t["problem"]},
+                {"role": "assistant", "content": t["trace"]},
+            ]
+            texts.append(render_chat(tokenizer, messages, add_generation_prompt=False))
+        # The template already holds the special tokens: none added on top (see VLLMRewardScorer).
+        all_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        for t, ids in zip(chunk, all_ids, strict=True):
+            if len(ids) > limit:
+                rejected.append({"key": t["key"], **rejected_row(
+                    t["problem_id"], "sequence_over_context", len(ids), limit, f"reward-{rm_name}")})  # fmt: skip
+                continue
+            cache_key = cache.key(ids)
+            keys.append((t["key"], cache_key))
+            if cache_key not in cache.rows and cache_key not in missing:
+                missing[cache_key] = engine_input(ids, cache_key=cache_key)
     kwargs = {"model_path": path, "engine": rm.engine.model_dump(), "kind": rm.kind, "token_id": rm.token_id,
               "cache_dir": str(cfg.cache_root()), "metric_tags": {"reward_model": rm_name, "stage": "score"}}  # fmt: skip
-    engine_rows = [{k: r[k] for k in ("cache_key", "input_ids")} for r in rows]
-    _score_missing(cache, engine_rows, VLLMRewardScorer, kwargs, rm.engine, "score")
-    return [{"key": r["key"], **cache.rows[r["cache_key"]]} for r in rows]
+    _score_missing(cache, [c for _, c in keys], missing, VLLMRewardScorer, kwargs, rm.engine,
+                   "score")  # fmt: skip
+    return [{"key": key, **cache.rows[cache_key]} for key, cache_key in keys]
 
 
 @lru_cache(maxsize=8)
@@ -205,13 +227,16 @@ def style_rows(
     return rows
 
 
-def score_style(cfg: ExperimentConfig, student: str, traces: list[dict]) -> list[dict]:
-    """Style rows (key and token-category statistics with the student's tokenizer), in input order."""
+def score_style(cfg: ExperimentConfig, student: str, traces: Iterable[dict]) -> list[dict]:
+    """Style rows (key and token-category statistics with the student's tokenizer), in input
+    order; `traces` may stream (tokenized a chunk at a time)."""
     path = resolve_model(cfg.students[student].path, cfg)
     scaffolding = frozenset(w.lower() for w in cfg.scoring.scaffolding_words)
-    texts = [t["trace"] for t in traces]
-    stats = style_rows(path, texts, cfg.scoring.symbol_chars, scaffolding)
-    return [{"key": t["key"], **row} for t, row in zip(traces, stats, strict=True)]
+    out = []
+    for chunk in chunks(traces):
+        stats = style_rows(path, [t["trace"] for t in chunk], cfg.scoring.symbol_chars, scaffolding)
+        out += [{"key": t["key"], **row} for t, row in zip(chunk, stats, strict=True)]
+    return out
 
 
 def cache_size(cfg: ExperimentConfig, kind: str, name: str) -> int:

@@ -205,3 +205,61 @@ def test_every_field_is_documented():
         "ray",
     }
     assert [f for f in undocumented if f not in sections] == []
+
+
+def test_training_seeds_are_a_grid_dimension(tmp_path: Path):
+    from qup_ray.grid import plan_grid
+    from qup_ray.rundir import RunDir, eval_cells, seed_cells, train_cell_settings, train_cells
+    from qup_ray.stages.train import cell_config_hash, deepspeed_template
+
+    one = load_config(CONFIGS_DIR / "dryrun.yaml", [f"output_dir={tmp_path}"])
+    three = load_config(
+        CONFIGS_DIR / "dryrun.yaml", [f"output_dir={tmp_path}", "training.seeds=[0, 1, 2]"]
+    )
+    # One seed: today's folder names; three: the seed-0 cells keep them, the others add -seed<N>.
+    assert train_cells(one) == ["sft", "dft"]
+    assert train_cells(three) == ["sft", "sft-seed1", "sft-seed2", "dft", "dft-seed1", "dft-seed2"]
+    assert seed_cells(three)["dft"] == {0: "dft", 1: "dft-seed1", 2: "dft-seed2"}
+    assert train_cell_settings(three)["dft-seed2"] == {
+        "objective": "dft", "learning_rate": 1e-4, "global_batch_size": 16, "seed": 2,
+    }  # fmt: skip
+    students = list(three.students)
+    trained = [f"{s}/{st}/{c}" for s in students for st in three.stream_names()
+               for c in train_cells(three)]  # fmt: skip
+    assert eval_cells(three) == [f"{s}/base/base" for s in students] + trained
+    # The grid: one train and one eval job per seed cell on SLURM; local.yaml keeps one of each.
+    slurm = load_cluster_config(CONFIGS_DIR / "clusters" / "example_slurm.yaml")
+    jobs = {j.name: j for j in plan_grid(three, slurm, tmp_path).jobs}
+    cell = f"{students[0]}/slm_rft/dft-seed1"
+    assert jobs[f"train/{cell}"].cells == [cell]
+    assert jobs[f"eval/{cell}"].depends_on == [f"train/{cell}"]
+    assert sum(1 for n in jobs if n.startswith("train/")) == len(trained) == 3 * len(
+        [c for c in eval_cells(one) if "/base/" not in c]
+    )  # fmt: skip
+    local = load_cluster_config(CONFIGS_DIR / "clusters" / "local.yaml")
+    local_jobs = {j.name: j for j in plan_grid(three, local, tmp_path).jobs}
+    assert local_jobs["train"].cells == trained
+    # qup status lists every seed's train cell and eval cell.
+    paths = {row["path"] for row in RunDir(tmp_path).status(three)}
+    assert {f"train/{cell}", f"eval/{cell}", f"eval/{cell}/synthetic_test"} <= paths
+    # The seed is the cell's identity: a one-seed run hashes as before (seeds: [0] and unset
+    # agree), the seed-0 cell of three seeds is that cell, and seed 1's is a run with seed 1.
+    ds = deepspeed_template(one)
+    student = students[0]
+
+    def cell_hash(cfg, folder: str) -> str:
+        return cell_config_hash(cfg, student, train_cell_settings(cfg)[folder], ds)
+
+    seed_one = load_config(CONFIGS_DIR / "dryrun.yaml", ["training.seed=1"])
+    only_zero = load_config(CONFIGS_DIR / "dryrun.yaml", ["training.seeds=[0]"])
+    assert cell_hash(one, "dft") == cell_hash(three, "dft") == cell_hash(only_zero, "dft")
+    assert cell_hash(three, "dft-seed1") == cell_hash(seed_one, "dft") != cell_hash(one, "dft")
+
+
+def test_training_seed_mistakes_are_reported():
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS_DIR / "dryrun.yaml", ["training.seeds=[0, 1, 1, -2]"])
+    text = str(info.value)
+    assert "training.seeds.3" in text and "training.seeds: seeds repeated [1]" in text
+    with pytest.raises(ConfigError, match=r"training\.seeds"):
+        load_config(CONFIGS_DIR / "dryrun.yaml", ["training.seeds=[]"])

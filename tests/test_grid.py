@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from qup_ray.config import (
@@ -281,8 +282,10 @@ def test_port_blocks_skip_ports_in_use():
 @pytest.mark.slow
 @pytest.mark.cluster
 def test_local_executor_runs_the_jobs_and_skips_dependents_of_a_failure(tmp_path: Path):
-    """`executor: local` (the dry run's path): same jobs, own Ray cluster per job, no SLURM."""
+    """`executor: local` (the dry run's path): same jobs, one Ray cluster for all, no SLURM; the
+    cluster is stopped after the last job, after a failure and after Ctrl-C."""
     from qup_ray.grid import launch
+    from qup_ray.grid.submit import SHARED_RAY
     from qup_ray.stages import run_stage
 
     local = load_cluster_config(CONFIGS_DIR / "clusters" / "local.yaml")
@@ -291,7 +294,9 @@ def test_local_executor_runs_the_jobs_and_skips_dependents_of_a_failure(tmp_path
     seen: list[tuple[str, str]] = []
     result = launch(cfg, local, stages=["problems"], progress=lambda n, _, s: seen.append((n, s)))
     assert result.states == {"problems": "COMPLETED"} and result.ok
-    assert seen == [("problems", "RUNNING"), ("problems", "COMPLETED")]
+    assert seen == [(SHARED_RAY, "STARTED"), ("problems", "RUNNING"), ("problems", "COMPLETED"),
+                    (SHARED_RAY, "STOPPED")]  # fmt: skip
+    assert set(result.shared_ray) == {"start_s", "stop_s"}
     direct = cfg.model_copy(update={"output_dir": str(tmp_path / "direct")})
     run_stage("problems", direct)
     got = pq_rows(tmp_path / "grid" / "dryrun" / "problems" / "problems.parquet")
@@ -300,7 +305,11 @@ def test_local_executor_runs_the_jobs_and_skips_dependents_of_a_failure(tmp_path
     assert [(r["name"], r["state"], r["job_id"]) for r in record] == [
         ("problems", "COMPLETED", result.job_ids["problems"])
     ]
-    assert not list(Path("/tmp").glob(f"qup-ray-{result.job_ids['problems']}"))
+    (head,) = (tmp_path / "grid" / "dryrun" / "grid" / "ray").glob("local-*/head.json")
+    log = tmp_path / "grid" / "dryrun" / local.log_dir / result.job_ids["problems"]
+    assert json.loads(head.read_text())["address"] in "".join(
+        f.read_text() for f in log.glob("*_log.*"))  # fmt: skip
+    assert_no_ray_left(head)
 
     broken = load_config(CONFIGS_DIR / "dryrun.yaml", [
         f"output_dir={tmp_path / 'broken'}", "problems.source.kind=local",
@@ -308,6 +317,33 @@ def test_local_executor_runs_the_jobs_and_skips_dependents_of_a_failure(tmp_path
     result = launch(broken, local, stages=["problems", "rollouts"])
     assert result.states == {"problems": "FAILED", "rollouts": "DEPENDENCY_FAILED"}
     assert not (tmp_path / "broken" / "dryrun" / "rollouts").exists()
+    assert_no_ray_left(next((tmp_path / "broken" / "dryrun" / "grid" / "ray").glob("*/head.json")))
+
+    # Ctrl-C while a job runs: the job's process and the cluster go, the error goes on.
+    def interrupt(name: str, job_id: str, state: str) -> None:
+        if state == "RUNNING":
+            running.append(job_id)
+            raise KeyboardInterrupt
+
+    running: list[str] = []
+    again = cfg.model_copy(update={"output_dir": str(tmp_path / "interrupted")})
+    with pytest.raises(KeyboardInterrupt):
+        launch(again, local, stages=["problems"], progress=interrupt)
+    assert_no_ray_left(
+        next((tmp_path / "interrupted" / "dryrun" / "grid" / "ray").glob("*/head.json"))
+    )
+    job_ids = [int(j) for j in running]  # the local executor's job id is the job's pid
+    assert job_ids and not any(psutil.pid_exists(j) and psutil.Process(j).status() != "zombie"
+                               for j in job_ids)  # fmt: skip
+
+
+def assert_no_ray_left(head_json: Path) -> None:
+    """No process of the local grid's cluster runs, and its temp dir is gone."""
+    from qup_ray.grid.ray_cluster import own_processes
+
+    temp_dir = Path(json.loads(head_json.read_text())["temp_dir"])
+    assert not temp_dir.exists()
+    assert own_processes(temp_dir) == []
 
 
 def pq_rows(path: Path) -> list[dict]:

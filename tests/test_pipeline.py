@@ -71,6 +71,23 @@ def test_dryrun_terminal_is_one_line_per_job_and_ends_with_the_report(
     timings = json.loads((run_dir / "dryrun.json").read_text())
     assert timings["ok"] and set(timings["jobs"]) == set(STAGE_ORDER)
     assert all(j["state"] == "COMPLETED" and j["seconds"] > 0 for j in timings["jobs"].values())
+    # One Ray cluster for all jobs: started once, every driver that used Ray joined it, and it
+    # is gone; the breakdown (its start and stop, each job, the launcher) sums to the total.
+    parts = timings["breakdown_s"]
+    assert set(parts) == {"ray_start", *timings["jobs"], "ray_stop", "launcher"}
+    assert sum(parts.values()) == pytest.approx(timings["total_s"], abs=0.5)
+    assert parts["ray_start"] > 0 and parts["launcher"] >= 0
+    (head,) = (run_dir / "grid" / "ray").glob("local-*/head.json")
+    head = json.loads(head.read_text())
+    logs = {j["job_id"]: "".join(f.read_text() for f in (run_dir / "slurm_logs" / j["job_id"])
+                                 .glob("*_log.*")) for j in timings["jobs"].values()}  # fmt: skip
+    joined = [i for i, log in logs.items() if "Connecting to existing Ray cluster" in log]
+    assert len(joined) >= 5, logs.keys()  # rollouts, streams, score, train, eval
+    assert all(f"Connecting to existing Ray cluster at address: {head['address']}" in logs[i]
+               for i in joined)  # fmt: skip
+    assert not any("Started a local Ray instance" in log for log in logs.values())
+    assert not Path(head["temp_dir"]).exists()
+    assert sum(1 for line in lines if line.strip().startswith("ray ")) == 2
     assert (run_dir / "config.yaml").is_file()
     # The resolved config is saved and loads back to the same experiment.
     saved = load_config(run_dir / "config.yaml")

@@ -20,14 +20,20 @@ from typer.testing import CliRunner
 from qup_ray.cli import app
 from qup_ray.config import CONFIGS_DIR, load_config
 from qup_ray.report import BootstrapSettings, from_run_dir, from_table
-from qup_ray.report.analysis import accuracy_table, correlations
-from qup_ray.report.correlation import (
-    bootstrap_mean,
-    rank_correlation,
-    rank_correlation_rows,
+from qup_ray.report.analysis import accuracy_table, correlations, with_total_avg_intervals
+from qup_ray.report.correlation import rank_correlation, rank_correlation_rows
+from qup_ray.report.verdict import verdicts
+from qup_ray.rundir import (
+    MANIFEST,
+    RunDir,
+    StageError,
+    read_json,
+    seed_cells,
+    write_json,
+    write_parquet,
 )
-from qup_ray.rundir import MANIFEST, RunDir, StageError, read_json, write_json, write_parquet
 from qup_ray.stages import report as report_stage
+from qup_ray.stats import bootstrap_mean, resampled_means
 
 PAPER_TABLE = Path(__file__).parent / "data" / "paper_qwen2.5_math_1.5b.csv"
 CORRELATION_COLUMNS = [
@@ -89,6 +95,42 @@ def test_bootstrap_mean_interval_matches_a_hand_loop() -> None:
     assert (lo, hi) == pytest.approx((np.quantile(means, 0.025), np.quantile(means, 0.975)))
 
 
+def hand_bootstrap(groups: list[np.ndarray], num_resamples: int, seed: int) -> list[float]:
+    """The documented draw order, one resample at a time: the seeds (shared by every group),
+    then each (seeds, items) group's items; the mean over groups of the drawn cells' mean."""
+    rng = np.random.default_rng(seed)
+    num_seeds = groups[0].shape[0]
+    seed_draws = (
+        rng.integers(0, num_seeds, size=(num_resamples, num_seeds))
+        if num_seeds > 1
+        else np.zeros((num_resamples, 1), int)
+    )
+    item_draws = [rng.integers(0, g.shape[1], size=(num_resamples, g.shape[1])) for g in groups]
+    return [
+        np.mean([g[seed_draws[b]][:, d[b]].mean() for g, d in zip(groups, item_draws, strict=True)])
+        for b in range(num_resamples)
+    ]
+
+
+def test_bootstrap_over_seeds_and_problems_matches_a_hand_loop() -> None:
+    rng = np.random.default_rng(7)
+    groups = [rng.normal(size=(3, 17)), rng.normal(2.0, size=(3, 9))]  # (seeds, problems)
+    means = hand_bootstrap(groups, 300, seed=11)
+    got = bootstrap_mean(groups, num_resamples=300, seed=11)
+    assert got == pytest.approx((np.quantile(means, 0.025), np.quantile(means, 0.975)))
+
+
+def test_bootstrap_spread_over_seeds_and_problems_matches_the_closed_form() -> None:
+    # cell (s, p) = a_s + b_p: a resample's mean is mean(a*) + mean(b*), two independent
+    # draws, so its variance is var(a)/S + var(b)/P (population variances).
+    a, b = np.array([0.0, 3.0, 5.0]), np.linspace(-4.0, 4.0, 40)
+    cells = a[:, None] + b[None, :]
+    means = resampled_means([cells[None]], 40_000, np.random.default_rng(0))[:, 0]
+    expected = np.sqrt(a.var() / a.size + b.var() / b.size)
+    assert means.std() == pytest.approx(expected, rel=0.02)
+    assert means.mean() == pytest.approx(cells.mean(), abs=0.02)
+
+
 # --------------------------------------------------------------------------------------------
 # --from-table with the paper's numbers
 # --------------------------------------------------------------------------------------------
@@ -117,7 +159,7 @@ def test_paper_table_correlations_equal_scipy_and_verdict_states_the_paradox(
     )  # Numina: no PPL
     verdict = pd.read_csv(tmp_path / "verdict.csv").set_index(["objective", "claim"])
     paradox = verdict.loc[("dft", "reward_inverts_utility")]
-    assert paradox.holds and paradox.evidence == "no intervals"
+    assert paradox.holds and paradox.evidence == "no intervals" and paradox.outcome == "holds"
     assert "inverts the utility ranking" in paradox.text and "paradox" in paradox.text
     assert verdict.loc[("dft", "ppl_vs_accuracy")].holds
     assert verdict.loc[("dft", "style_alignment")].holds
@@ -147,9 +189,18 @@ def _finish(folder: Path, attempt: int = 1) -> None:
     write_json(folder / MANIFEST, {"stage": str(folder), "row_counts": {}, "attempt": attempt})
 
 
-def make_run_dir(tmp_path: Path, seed: int = 0, accuracy_scale: float = 1.0, **overrides: object):
+def make_run_dir(
+    tmp_path: Path,
+    seed: int = 0,
+    accuracy_scale: float = 1.0,
+    accuracies: dict[str, float] | None = None,
+    seed_spread: float = 0.0,
+    **overrides: object,
+):
     """Scores, training metrics and per-sample evaluations in the contract layout.
-    `accuracy_scale` < 1 moves the streams' accuracies together (noisy ranks, wide intervals)."""
+    `accuracy_scale` < 1 moves the streams' accuracies together (noisy ranks, wide intervals);
+    `accuracies` replaces STREAM_SHAPE's; with `training.seeds`, training seed k's models are
+    `seed_spread * (k - 1)` more accurate."""
     cfg = load_config(
         CONFIGS_DIR / "dryrun.yaml",
         [
@@ -218,17 +269,20 @@ def make_run_dir(tmp_path: Path, seed: int = 0, accuracy_scale: float = 1.0, **o
                     }
                 ),
             )
+            acc = (accuracies or {}).get(stream, acc)
             for j, objective in enumerate(["sft", "dft"]):
-                cell = f"{student}/{stream}/{objective}"
-                steps = np.arange(1, 21)
-                write_parquet(
-                    root / "train" / cell / "metrics.parquet",
-                    pd.DataFrame({"step": steps, "ce": ppl / np.sqrt(steps), "loss": 0.1}),
-                )
-                _finish(root / "train" / cell)
-                _write_eval(
-                    root / "eval" / cell, cfg, rng, 0.45 + accuracy_scale * (acc - 0.45) + 0.05 * j
-                )
+                for k, folder in enumerate(seed_cells(cfg)[objective].values()):
+                    cell = f"{student}/{stream}/{folder}"
+                    steps = np.arange(1, 21)
+                    write_parquet(
+                        root / "train" / cell / "metrics.parquet",
+                        pd.DataFrame({"step": steps, "ce": ppl / np.sqrt(steps), "loss": 0.1}),
+                    )
+                    _finish(root / "train" / cell)
+                    shift = 0.05 * j + seed_spread * (k - 1)
+                    _write_eval(
+                        root / "eval" / cell, cfg, rng, 0.45 + accuracy_scale * (acc - 0.45) + shift
+                    )
         _write_eval(root / "eval" / student / "base" / "base", cfg, rng, 0.2)
         _finish(final)
     return cfg
@@ -276,6 +330,7 @@ def test_run_dir_report_has_every_table_and_plot(full_report) -> None:
             "reward_rank",
             "style_shift",
             "training_curves",
+            "total_avg",
             "sft_benchmarks",
             "dft_benchmarks",
         ):
@@ -322,7 +377,7 @@ def test_run_dir_report_has_every_table_and_plot(full_report) -> None:
 
     html = (out / "report.html").read_text()
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
-    assert len(images) == len(run_cfg.students) * 7
+    assert len(images) == len(run_cfg.students) * 8
     assert base64.b64decode(images[0])[:8] == b"\x89PNG\r\n\x1a\n"
     assert "http://" not in html and "https://" not in html  # opens with no network
     md = (out / "report.md").read_text()
@@ -483,3 +538,101 @@ def test_report_of_a_run_with_nothing_scored_is_a_user_error(tmp_path: Path) -> 
     assert isinstance(result.exception, StageError) and "nothing to report yet" in str(
         result.exception
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Training seeds pooled
+# --------------------------------------------------------------------------------------------
+
+SEEDS = "[0, 1, 2]"
+
+
+def _per_problem(path: Path) -> pd.Series:
+    rows = pd.read_parquet(path)
+    return rows.groupby("problem_id").correct.apply(lambda c: c.fillna(False).astype(float).mean())
+
+
+def test_report_pools_three_seeds_with_intervals(tmp_path: Path) -> None:
+    cfg = make_run_dir(tmp_path, seed_spread=0.04, **{"training.seeds": SEEDS})
+    out = report_stage.run(cfg)
+    root, student, stream = cfg.run_dir, "tiny-qwen", "slm_rft"
+    benches = list(cfg.evaluation.benchmarks)
+    folders = seed_cells(cfg)["dft"]
+    assert folders == {0: "dft", 1: "dft-seed1", 2: "dft-seed2"}
+    # One table per objective, seeds pooled, never one per seed.
+    names = {p.name for p in out.iterdir()}
+    assert f"accuracy_{student}_dft.csv" in names
+    assert not any("seed1" in n for n in names) and f"{student}_total_avg.png" in names
+
+    # Per-seed Total Avg, then the mean over seeds, recomputed from the sample files.
+    acc = {  # seed -> benchmark -> per-problem accuracy (percent)
+        seed: {
+            b: _per_problem(root / "eval" / student / stream / folder / f"{b}.parquet") * 100
+            for b in benches
+        }
+        for seed, folder in folders.items()
+    }
+    per_seed = {seed: np.mean([acc[seed][b].mean() for b in benches]) for seed in folders}
+    seeds_csv = pd.read_csv(out / "seeds.csv")
+    mine = seeds_csv[(seeds_csv.student == student) & (seeds_csv.stream == stream)]
+    mine = mine[mine.objective == "dft"].set_index("seed")
+    assert mine.total_avg.to_dict() == pytest.approx(per_seed)
+    assert mine.cell.tolist() == [f"{student}/{stream}/{f}" for f in folders.values()]
+    assert len(seeds_csv) == len(cfg.students) * len(STREAM_SHAPE) * 2 * 3
+
+    table = pd.read_csv(out / f"accuracy_{student}_dft.csv").set_index("stream")
+    assert table.loc[stream, "n_seeds"] == 3
+    assert table.loc[stream, "total_avg"] == pytest.approx(np.mean(list(per_seed.values())))
+    # Its interval: the hand loop over seeds and each benchmark's problems.
+    groups = [np.stack([acc[s][b].sort_index().to_numpy() for s in folders]) for b in benches]
+    means = hand_bootstrap(groups, cfg.report.num_bootstrap, cfg.report.seed)
+    assert (table.loc[stream, "total_avg ci_low"], table.loc[stream, "total_avg ci_high"]) == (
+        pytest.approx((np.quantile(means, 0.025), np.quantile(means, 0.975)))
+    )
+
+    corr = pd.read_csv(out / "correlations.csv")
+    assert set(corr.objective) == {"sft", "dft"} and corr.ci_low.notna().all()
+    verdict = pd.read_csv(out / "verdict.csv").set_index(["student", "objective", "claim"])
+    paradox = verdict.loc[(student, "dft", "reward_inverts_utility")]
+    assert paradox.outcome == "holds" and paradox.text.startswith("Holds.")
+    md = (out / "report.md").read_text()
+    assert "Training seeds 0, 1, 2" in md and "seeds.csv" in md
+
+    # A seed still missing a benchmark is left out of the pooled values, and listed.
+    gone = f"eval/{student}/{stream}/dft-seed2/{benches[0]}.parquet"
+    (root / gone).unlink()
+    data = from_run_dir(cfg)
+    row = data.measures(student, "dft").loc[stream]
+    assert row.n_seeds == 2 and row.total_avg == pytest.approx((per_seed[0] + per_seed[1]) / 2)
+    assert gone in {m["path"] for m in data.missing}
+
+
+@pytest.mark.parametrize(
+    ("case", "outcome"),
+    [("paper", "holds"), ("reversed", "does not hold"), ("flat", "inconclusive")],
+)
+def test_verdict_says_holds_does_not_hold_or_inconclusive(
+    tmp_path: Path, case: str, outcome: str
+) -> None:
+    kwargs: dict = {}
+    if case == "reversed":  # more reward, more accuracy: the paradox's opposite
+        kwargs["accuracies"] = {"style_aligned_rule": 0.15, "slm_rft": 0.3,
+                                "oracle_refined": 0.45, "numina_subset": 0.6,
+                                "oracle_synthesized": 0.75}  # fmt: skip
+    if case == "flat":  # every stream as accurate as every other: noise only
+        kwargs["accuracy_scale"] = 0.0
+    cfg = make_run_dir(tmp_path, seed_spread=0.02, **kwargs, **{"training.seeds": SEEDS})
+    data = from_run_dir(cfg)
+    settings = BootstrapSettings(num_resamples=200)
+    data.streams = with_total_avg_intervals(data, settings)
+    verdict = verdicts(data, correlations(data, settings), settings)
+    verdict = verdict[verdict.objective == "dft"].set_index(["student", "claim"])
+    for student in cfg.students:
+        row = verdict.loc[(student, "reward_inverts_utility")]
+        assert row.outcome == outcome, row.text
+        assert {True: "holds", False: "does not hold"}.get(row.holds, "inconclusive") == outcome
+    if case == "reversed":
+        row = verdict.loc[("tiny-qwen", "reward_inverts_utility")]
+        assert "does not hold in this run: that is the result" in row.text
+        style = verdict.loc[("tiny-qwen", "style_alignment")]
+        assert style.outcome == "does not hold"  # style_aligned far below oracle_refined

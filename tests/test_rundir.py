@@ -208,3 +208,21 @@ def test_status_lists_every_stage_and_grid_cell(tmp_path: Path):
     assert result.returncode == 0, result.stderr
     assert "1/4 shards" in result.stdout and "done: 1" in result.stdout
     assert "partial: 1" in result.stdout
+
+
+def test_write_parquet_streams_batches_and_tables_and_an_empty_stream_keeps_its_schema(
+    tmp_path: Path,
+):
+    from qup_ray.rundir import iter_batches, iter_rows
+
+    schema = pa.schema([("problem_id", pa.string()), ("x", pa.int64())])
+    parts = [pa.Table.from_pylist([{"problem_id": f"p{i}", "x": i}], schema=schema)
+             for i in range(3)]  # fmt: skip
+    for i, part in enumerate(parts):
+        write_parquet(tmp_path / f"shard-{i}.parquet", part)
+    shards = sorted(tmp_path.glob("shard-*.parquet"))
+    out = write_parquet(tmp_path / "all.parquet", iter_batches(shards, batch_rows=1), schema)
+    assert pq.read_table(out).to_pylist() == [{"problem_id": f"p{i}", "x": i} for i in range(3)]
+    assert [r["x"] for r in iter_rows(out, ["x"])] == [0, 1, 2]
+    empty = write_parquet(tmp_path / "empty.parquet", iter([]), schema)
+    assert pq.read_table(empty).schema == schema and pq.read_table(empty).num_rows == 0

@@ -17,7 +17,7 @@ import yaml
 
 from qup_ray.bench.train import write_synthetic_streams
 from qup_ray.config import CONFIGS_DIR, load_config
-from qup_ray.rundir import RunDir, read_json, read_parquet
+from qup_ray.rundir import RunDir, StageError, read_json, read_parquet
 
 pytestmark = pytest.mark.slow
 
@@ -130,7 +130,7 @@ def test_status_shows_the_cells(trained):
     assert len(train_rows) == 8 and set(train_rows.values()) == {"done"}
 
 
-def test_rerun_skips_finished_cells(trained):
+def test_rerun_skips_finished_cells_and_trains_a_new_seed_alone(trained):
     from qup_ray.stages import run_stage
 
     cfg, _ = trained
@@ -139,6 +139,55 @@ def test_rerun_skips_finished_cells(trained):
     run_stage("train", cfg)
     assert time.perf_counter() - t0 < 5
     assert read_json(cfg.run_dir / "train/tiny-qwen/slm_rft/dft/_manifest.json") == before
+
+    # A second training seed: the finished cells are seed 0's and stay finished; only seed 1's
+    # cells are pending, and one of them trains to other weights (another data order).
+    from safetensors.torch import load_file
+
+    from qup_ray.stages.train import plan_cells
+
+    seeded = load_config(
+        CONFIGS_DIR / "dryrun.yaml",
+        [f"output_dir={cfg.output_dir}", "training.streams=[slm_rft, oracle_refined]",
+         "training.seeds=[0, 1]"],
+    )  # fmt: skip
+    pending, asked = plan_cells(seeded, False, None)
+    assert asked == 16 and {spec.cell_id.split("/")[2] for _, spec in pending} == {
+        "sft-seed1", "dft-seed1"}  # fmt: skip
+    assert {spec.seed for _, spec in pending} == {1} and len(pending) == 8
+    run_stage("train", seeded, cells=["tiny-qwen/slm_rft/dft-seed1"])
+    assert read_json(cfg.run_dir / "train/tiny-qwen/slm_rft/dft/_manifest.json") == before
+    seed1 = cfg.run_dir / "train/tiny-qwen/slm_rft/dft-seed1"
+    manifest = read_json(seed1 / "_manifest.json")
+    assert manifest["seed"] == 1 and manifest["objective"] == "dft"
+    assert manifest["config_hash"] != before["config_hash"]
+    weights = [load_file(d / "model" / "model.safetensors") for d in (seed1, seed1.parent / "dft")]
+    assert any(not t.equal(weights[1][name]) for name, t in weights[0].items())
+
+
+def test_a_cell_too_small_for_one_step_fails_alone_with_its_reason_and_no_retry(
+    tmp_path, cpu_world
+):
+    """A stream that makes no training step is the user's sizing, not a fault: Ray Train does
+    not restart the worker group for it, the other cells train, and the error names it."""
+    import pyarrow.parquet as pq
+
+    from qup_ray.stages import run_stage
+
+    cfg = load_config(CONFIGS_DIR / "dryrun.yaml", [f"output_dir={tmp_path}"])
+    write_synthetic_streams(cfg.run_dir, list(cfg.students), STREAMS, num_problems=48, seed=7)
+    final = cfg.run_dir / "streams" / "tiny-qwen" / "final" / "oracle_refined.parquet"
+    pq.write_table(pq.read_table(final).slice(0, 5), final)  # 5 < micro batch 4 x 2 workers
+    small = "tiny-qwen/oracle_refined/sft"
+    with pytest.raises(StageError) as caught:
+        run_stage("train", cfg, cells=["tiny-qwen/slm_rft/sft", small])
+    assert str(caught.value).startswith("1 of 2 cells cannot train (1 trained)")
+    assert f"{small}: 5 examples make no training step" in str(caught.value)
+    train = cfg.run_dir / "train" / "tiny-qwen"
+    assert read_json(train / "slm_rft" / "sft" / "_manifest.json")["row_counts"]["examples"] == 48
+    assert not (train / "oracle_refined" / "sft" / "_manifest.json").exists()
+    starts = list((cfg.run_dir / "train" / "_ray").glob("events-*/start-*"))
+    assert len(starts) == 1  # one worker group start: no retry for a sizing error
 
 
 @pytest.mark.parametrize("student", ["tiny-qwen", "tiny-llama"])

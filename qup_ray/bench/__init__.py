@@ -9,5 +9,6 @@ BENCHES: dict[str, str] = {
     "oracle": "qup_ray.bench.oracle",
     "ppl": "qup_ray.bench.ppl",
     "rollouts": "qup_ray.bench.rollouts",
+    "scale": "qup_ray.bench.scale",
     "train": "qup_ray.bench.train",
 }

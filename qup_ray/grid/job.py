@@ -1,4 +1,5 @@
 """What one grid job runs: a Ray cluster over its allocation, the stage, then Ray torn down.
+(In a local grid every job's driver joins the one cluster the launcher started instead.)
 
 submitit starts one task per node. The first node's task starts the Ray head, writes where it
 listens to `<run>/grid/ray/<job id>/head.json` (the run directory is on the shared file system)
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 WORKER_JOIN_TIMEOUT_S = 300
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
+def exit_on_sigterm(signum: int, frame: object) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the teardown must not be interrupted too
     logger.warning("SIGTERM: stopping the stage and this job's Ray processes")
     raise SystemExit(128 + signum)
@@ -53,6 +54,9 @@ class StageJob:
     resources: Resources
     workdir: str
     """The directory `qup grid` ran in: relative paths of the config resolve against it."""
+    shared_ray: dict | None = None
+    """A local grid's one Ray cluster (its `head.json`): the stage joins it and this job
+    starts no cluster of its own. None on SLURM: every job has its own."""
 
     def __call__(self) -> dict:
         import submitit
@@ -68,11 +72,13 @@ class StageJob:
         # submitit ignores SIGTERM (it waits for USR2 to checkpoint). SLURM sends SIGTERM on
         # scancel, `scontrol requeue` and at the hard limit, then SIGKILL after KillWait: stop
         # the stage at once so the Ray teardown below runs within that grace time.
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        signal.signal(signal.SIGTERM, exit_on_sigterm)
         if self.stage == "fetch":  # downloads only: no Ray, one task
             from qup_ray.fetch import fetch_for_run
 
             return {"job": self.name, "output": str(fetch_for_run(self.cfg))}
+        if self.shared_ray is not None:
+            return self._on_shared_cluster(self.shared_ray)
         if env.global_rank == 0:
             return self._head(env, rendezvous)
         self._worker(env, rendezvous)
@@ -86,6 +92,31 @@ class StageJob:
             "job %s: checkpointing for requeue (stage %s resumes)", self.name, self.stage
         )
         return submitit.helpers.DelayedSubmission(self)
+
+    # ---- a local grid: the driver joins the launcher's cluster ---------------------------------
+
+    def _on_shared_cluster(self, head: dict) -> dict:
+        """The stage on the local grid's cluster, joined as on a job's own (the stage's
+        `init_ray` finds it joined); at the end only this driver leaves: the launcher stops the
+        cluster after the last job."""
+        from qup_ray.stages import run_stage
+
+        stay_on_loopback(os.environ)  # the launcher's cluster is on 127.0.0.1
+        os.environ["RAY_ADDRESS"] = head["address"]
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        dashboard = head["ports"]["dashboard"]
+        logger.info(
+            "job %s on the local grid's Ray cluster %s; dashboard %s, from your machine: "
+            "ssh -N -L %d:127.0.0.1:%d %s",
+            self.name, head["address"], head["dashboard"], dashboard, dashboard, head["hostname"],
+        )  # fmt: skip
+        t0 = time.time()
+        try:
+            self._connect(head["address"], 1)
+            out = run_stage(self.stage, self.cfg, cells=self.cells)
+            return {"job": self.name, "output": str(out), "seconds": round(time.time() - t0, 1)}
+        finally:
+            self._shutdown_driver()
 
     # ---- the head node: Ray head + the stage driver ------------------------------------------
 
@@ -146,7 +177,7 @@ class StageJob:
 
         ray.init(address=address, log_to_driver=True)
         # ray.init installs its own SIGTERM handler, which dies without running `finally`.
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        signal.signal(signal.SIGTERM, exit_on_sigterm)
         deadline = time.monotonic() + WORKER_JOIN_TIMEOUT_S
         while sum(n["Alive"] for n in ray.nodes()) < num_nodes:
             if time.monotonic() > deadline:

@@ -1,4 +1,5 @@
 """One Ray cluster per SLURM job, on shared nodes: own ports, own short temp dir, own processes.
+(A local grid starts one such cluster for all its jobs: `start_local_cluster`.)
 
 Ray's `symmetric-run` does not fit shared GPU nodes: it refuses a node where Ray already runs and
 ends with a plain `ray stop`, which kills every Ray process on the node, other users' included.
@@ -103,13 +104,16 @@ def temp_dir_for(job_id: str, root: str) -> Path:
     return path
 
 
-def ray_env() -> dict[str, str]:
-    """Environment of the Ray processes a job starts."""
+def ray_env(address: str) -> dict[str, str]:
+    """Environment of the Ray processes a job starts, in a cluster whose GCS is `address`."""
     env = dict(os.environ)
     env["RAY_AUTH_MODE"] = "disabled"  # bound to 127.0.0.1; ~/.ray/auth_token would turn it on
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # SIGTERM stops at once, no 30 s drain
     env["RAY_USAGE_STATS_ENABLED"] = "0"
-    env.pop("RAY_ADDRESS", None)
+    # Every worker inherits it: Ray's own helpers that look the cluster up (Ray Train's
+    # placement group cleaner, state API calls) then find this one, not "multiple active Ray
+    # instances" on a shared node.
+    env["RAY_ADDRESS"] = address
     return env
 
 
@@ -174,8 +178,11 @@ def start_node(
     num_gpus: int,
     object_store_bytes: int,
     dashboard_host: str,
+    setup: list[str] | None = None,
 ) -> RayNode:
-    """Start a head (`head_address=None`) or a worker joining `head_address`, in a new session."""
+    """Start a head (`head_address=None`) or a worker joining `head_address`, in a new session.
+    `setup`: shell lines run first (the cluster YAML's `setup` and `env`), for a node started
+    outside the job whose workers must see the job's environment."""
     # Leftovers of an earlier attempt of this job (killed by a requeue) hold our ports.
     stop_own_processes(temp_dir, timeout_s=5)
     temp_dir.mkdir(parents=True, exist_ok=True)
@@ -202,7 +209,9 @@ def start_node(
         ]  # fmt: skip
     else:
         cmd.append(f"--address={head_address}")
-    env = ray_env()
+    if setup:
+        cmd = ["bash", "-c", "\n".join([*setup, 'exec "$@"']), "qup-ray-node", *cmd]
+    env = ray_env(head_address or f"{node_ip}:{ports.port('gcs')}")
     if is_loopback(node_ip):  # a one-node job: every Ray socket on 127.0.0.1, none public
         stay_on_loopback(env)
     log_path = temp_dir.parent / f"{temp_dir.name}.log"
@@ -249,3 +258,61 @@ def describe(ports: RayPorts) -> dict:
 
 def remove_temp_dir(temp_dir: Path) -> None:
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def local_cluster_name(run_root: Path) -> str:
+    """`local-<hash>` of a run directory (and user): the shared cluster of a local grid. Named
+    by the run, not the process, so a launcher killed outright leaves processes that the next
+    launch of the same run finds by their temp dir and stops (`start_node` does)."""
+    key = f"{os.getuid()}:{Path(run_root).resolve()}"
+    return f"local-{zlib.crc32(key.encode()):08x}"
+
+
+def start_local_cluster(
+    name: str,
+    rendezvous: Path,
+    *,
+    port_range: tuple[int, int],
+    port_block: int,
+    temp_root: str,
+    num_cpus: int,
+    num_gpus: int,
+    object_store_bytes: int,
+    dashboard_host: str,
+    setup: list[str] | None = None,
+) -> tuple[RayNode, dict]:
+    """One Ray head on 127.0.0.1 for every job of a local grid (they run one after another, each
+    job's driver joins it), instead of a cluster per job: its start-up, driver connection and
+    teardown are paid once. Returns the node (stop it with `stop_local_cluster`) and where it
+    listens, also written to `<rendezvous>/head.json`. On SLURM each job keeps its own."""
+    from qup_ray.rundir import write_json
+
+    temp_dir = temp_dir_for(name, temp_root)
+    ports = pick_ports(name, port_range, port_block)
+    node = start_node(
+        head_address=None, node_ip="127.0.0.1", ports=ports, temp_dir=temp_dir,
+        num_cpus=num_cpus, num_gpus=num_gpus, object_store_bytes=object_store_bytes,
+        dashboard_host=dashboard_host, setup=setup,
+    )  # fmt: skip
+    try:
+        wait_for_port("127.0.0.1", ports.port("gcs"), node)
+        # Until the dashboard listens, a driver's `ray.init` waits for it (some 20 s on a busy
+        # 2-core machine): wait here, so that time shows as the cluster's start, not a job's.
+        with contextlib.suppress(TimeoutError):
+            wait_for_port(dashboard_host, ports.port("dashboard"), node, timeout_s=60)
+        head = {
+            "address": f"127.0.0.1:{ports.port('gcs')}", "hostname": socket.gethostname(),
+            "dashboard": f"http://{dashboard_host}:{ports.port('dashboard')}",
+            "temp_dir": str(temp_dir), "log": str(node.log_path), **describe(ports),
+        }  # fmt: skip
+        write_json(rendezvous / "head.json", head)
+    except BaseException:  # its log (named in the error) stays
+        stop_local_cluster(node)
+        raise
+    return node, head
+
+
+def stop_local_cluster(node: RayNode) -> None:
+    """Stop a local grid's cluster: its processes only (never `ray stop`), then its temp dir."""
+    node.stop()
+    remove_temp_dir(node.temp_dir)

@@ -6,19 +6,24 @@
   starts when training of cell i succeeded, not when the whole array did).
 - `executor: local` / `debug`: the same jobs run one after another in dependency order on this
   machine (submitit's local executor: its own process, log files, timeout and requeue
-  handling); a job whose dependency failed is not run, as SLURM would never start it.
+  handling); a job whose dependency failed is not run, as SLURM would never start it. One Ray
+  cluster serves them all (each job's driver joins it): Ray's start-up and teardown are paid
+  once, not per job. It is stopped after the last job, also on a failure, Ctrl-C or SIGTERM.
 
 `<run>/grid/` holds `plan.json` and `plan.txt` (what was planned), `jobs.json` (each job's name,
 stage, cells, outputs, resources and job id; merged over reruns) and `ray/<job id>.<attempt>/`
-(where each job's Ray head listens).
+(where each job's Ray head listens; a local grid's one cluster: `ray/local-<hash>/`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,14 +31,19 @@ from pathlib import Path
 from typing import Any
 
 from qup_ray.config import ClusterConfig, ExperimentConfig, dump_config
-from qup_ray.grid.job import StageJob
+from qup_ray.grid import ray_cluster
+from qup_ray.grid.job import StageJob, exit_on_sigterm
 from qup_ray.grid.plan import GridPlan, Job, format_plan, plan_grid
 from qup_ray.rundir import RunDir, read_json, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str, str, str], None]
-"""`progress(job name, job id, state)`, called on submission and on every state change."""
+"""`progress(job name, job id, state)`, called on submission and on every state change. A local
+grid also reports its shared Ray cluster as `progress(SHARED_RAY, address, "STARTED" |
+"STOPPED")`."""
+
+SHARED_RAY = "ray"
 
 FINAL_OK = "COMPLETED"
 # States after which a SLURM job does not run again on its own.
@@ -51,6 +61,8 @@ class GridResult:
     plan_text: str
     job_ids: dict[str, str] = field(default_factory=dict)
     states: dict[str, str] = field(default_factory=dict)
+    shared_ray: dict[str, float] = field(default_factory=dict)
+    """A local grid's shared Ray cluster: `start_s` and `stop_s` (seconds each took)."""
 
     @property
     def ok(self) -> bool:
@@ -96,8 +108,10 @@ def make_executor(cluster: ClusterConfig, folder: Path, job: Job, dependency: st
     return ex
 
 
-def _stage_job(job: Job, cfg: ExperimentConfig, cluster: ClusterConfig) -> StageJob:
-    return StageJob(job.name, job.stage, job.cells, cfg, cluster, job.resources, os.getcwd())
+def _stage_job(job: Job, cfg: ExperimentConfig, cluster: ClusterConfig,
+               shared_ray: dict | None = None) -> StageJob:  # fmt: skip
+    return StageJob(job.name, job.stage, job.cells, cfg, cluster, job.resources, os.getcwd(),
+                    shared_ray)  # fmt: skip
 
 
 def _submission_units(plan: GridPlan) -> list[list[Job]]:
@@ -168,33 +182,89 @@ def _submit_slurm(plan: GridPlan, cfg: ExperimentConfig, cluster: ClusterConfig,
 
 
 def _run_locally(plan: GridPlan, cfg: ExperimentConfig, cluster: ClusterConfig, folder: Path,
-                 progress: Progress | None, run_root: Path) -> tuple[dict[str, str], dict[str, str]]:  # fmt: skip
-    """Each pending job in dependency order, one at a time; dependents of a failure do not run."""
-    ids: dict[str, str] = {}
-    states: dict[str, str] = {}
-    for job in plan.pending:
-        failed = [d for d in job.depends_on if states.get(d) != FINAL_OK]
-        if failed:
-            states[job.name] = "DEPENDENCY_FAILED"
+                 progress: Progress | None, result: GridResult) -> None:  # fmt: skip
+    """Each pending job in dependency order, one at a time, all on one Ray cluster started here;
+    dependents of a failure do not run. Fills `result` (ids, states, the cluster's timings)."""
+    ids, states = result.job_ids, result.states
+    needs_ray = any(job.stage != "fetch" for job in plan.pending)
+    node = handle = head = None
+    in_main = threading.current_thread() is threading.main_thread()
+    # SIGTERM (a killed launcher) must reach the `finally`: the cluster and the job go too.
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm) if in_main else None
+    try:
+        if needs_ray:
+            t0 = time.time()
+            node, head = _start_shared_cluster(plan, cluster, result.run_dir)
+            result.shared_ray["start_s"] = round(time.time() - t0, 1)
             if progress:
-                progress(job.name, "", states[job.name])
-            continue
-        executor = make_executor(cluster, folder, job)
-        handle = executor.submit(_stage_job(job, cfg, cluster))
-        ids[job.name] = str(handle.job_id)
-        _record(run_root, plan, {job.name: ids[job.name]}, cluster, {job.name: "RUNNING"})
-        if progress:
-            progress(job.name, ids[job.name], "RUNNING")
-        try:
-            handle.result()
-            states[job.name] = FINAL_OK
-        except Exception as e:  # the job's own traceback is in its log
-            logger.error("job %s failed: %s", job.name, str(e).strip().splitlines()[-1:])
-            states[job.name] = "FAILED"
-        _record(run_root, plan, {job.name: ids[job.name]}, cluster, {job.name: states[job.name]})
-        if progress:
-            progress(job.name, ids[job.name], states[job.name])
-    return ids, states
+                progress(SHARED_RAY, head["address"], "STARTED")
+        for job in plan.pending:
+            failed = [d for d in job.depends_on if states.get(d) != FINAL_OK]
+            if failed:
+                states[job.name] = "DEPENDENCY_FAILED"
+                if progress:
+                    progress(job.name, "", states[job.name])
+                continue
+            executor = make_executor(cluster, folder, job)
+            handle = executor.submit(_stage_job(job, cfg, cluster, head))
+            ids[job.name] = str(handle.job_id)
+            _record(result.run_dir, plan, {job.name: ids[job.name]}, cluster,
+                    {job.name: "RUNNING"})  # fmt: skip
+            if progress:
+                progress(job.name, ids[job.name], "RUNNING")
+            try:
+                handle.result()
+                states[job.name] = FINAL_OK
+            except Exception as e:  # the job's own traceback is in its log
+                logger.error("job %s failed: %s", job.name, str(e).strip().splitlines()[-1:])
+                states[job.name] = "FAILED"
+            handle = None
+            _record(result.run_dir, plan, {job.name: ids[job.name]}, cluster,
+                    {job.name: states[job.name]})  # fmt: skip
+            if progress:
+                progress(job.name, ids[job.name], states[job.name])
+    finally:
+        if handle is not None:  # interrupted while a job ran: it goes before its cluster
+            _cancel(handle)
+        if node is not None:
+            t0 = time.time()
+            ray_cluster.stop_local_cluster(node)
+            result.shared_ray["stop_s"] = round(time.time() - t0, 1)
+            if progress:
+                progress(SHARED_RAY, "", "STOPPED")
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _cancel(handle: Any, timeout_s: float = 30.0) -> None:
+    """Stop a running local job (SIGINT, as Ctrl-C would) and wait until it is gone."""
+    deadline = time.monotonic() + timeout_s
+    with contextlib.suppress(Exception):
+        if not handle.done():
+            handle.cancel(check=False)
+        while not handle.done() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+def _start_shared_cluster(
+    plan: GridPlan, cluster: ClusterConfig, run_root: Path
+) -> tuple[ray_cluster.RayNode, dict]:
+    """The local grid's Ray cluster, sized for its largest job (they run one at a time)."""
+    jobs = [j.resources for j in plan.pending if j.stage != "fetch"]
+    cpus = max(r.cpus_per_node for r in jobs)
+    mem_gb = max(r.mem_gb for r in jobs)
+    name = ray_cluster.local_cluster_name(run_root)
+    node, head = ray_cluster.start_local_cluster(
+        name, run_root / "grid" / "ray" / name,
+        port_range=cluster.ray_port_range, port_block=cluster.ray_port_block,
+        temp_root=cluster.ray_temp_root, num_cpus=cpus,
+        num_gpus=max(r.gpus_per_node for r in jobs),
+        object_store_bytes=int(mem_gb * cluster.object_store_fraction * 2**30),
+        dashboard_host=cluster.dashboard_host, setup=_setup_lines(cluster),
+    )  # fmt: skip
+    logger.info("grid: one Ray cluster for every local job at %s (dashboard %s)",
+                head["address"], head["dashboard"])  # fmt: skip
+    return node, head
 
 
 def wait_for_slurm(
@@ -311,5 +381,5 @@ def launch(
             result.states = wait_for_slurm(result.job_ids, progress, timeout_s=timeout_s)
             _record(run.root, plan, result.job_ids, cluster, result.states)
         return result
-    result.job_ids, result.states = _run_locally(plan, cfg, cluster, folder, progress, run.root)
+    _run_locally(plan, cfg, cluster, folder, progress, result)
     return result

@@ -5,7 +5,9 @@ Two tables per student follow the paper's layout, so a reproduction reads side b
   PPL and Q1..Q4, semantic retention, token-category frequencies, and the Total Avg of every
   objective;
 - accuracy (one per student and objective, one row per stream plus the base student): Avg@k of
-  every benchmark with its spread across samples, and Total Avg.
+  every benchmark with its spread across samples, and Total Avg with its interval; with several
+  training seeds, values are means over the seeds (`n_seeds`) and the interval resamples seeds
+  and problems.
 Streams without a value keep their row, with the cell empty, so nothing disappears from view.
 """
 
@@ -26,7 +28,7 @@ from qup_ray.report.collect import (
     spread_col,
 )
 from qup_ray.report.correlation import METHODS, bootstrap_correlation, rank_correlation
-from qup_ray.stats import bootstrap_ci
+from qup_ray.stats import bootstrap_ci, bootstrap_mean
 
 logger = logging.getLogger(__name__)
 
@@ -75,18 +77,64 @@ def _x_groups(
     return [np.stack([f.loc[shared, col].to_numpy(np.float64) for f in frames])]
 
 
-def _y_groups(
+def accuracy_groups(
     data: ReportData, student: str, objective: str, streams: list[str]
 ) -> list[np.ndarray] | None:
-    """One (streams, problems) accuracy matrix per benchmark, or None without per-problem rows."""
+    """One (streams, seeds, problems) accuracy array (percent) per benchmark, over the training
+    seeds and problems every stream has, or None without per-problem rows."""
+    frames = [[data.bench_problems.get((student, s, objective, b)) for s in streams]
+              for b in data.benchmarks]  # fmt: skip
+    if not frames or any(f is None for row in frames for f in row):
+        return None
+    seeds = sorted(set.intersection(*(set(f.columns) for row in frames for f in row)))
+    if not seeds:
+        return None
     groups = []
-    for bench in data.benchmarks:
-        series = [data.bench_problems.get((student, s, objective, bench)) for s in streams]
-        if any(s is None for s in series):
-            return None
-        shared = sorted(set.intersection(*(set(s.index) for s in series)))
-        groups.append(np.stack([s.loc[shared].to_numpy(np.float64) for s in series]) * 100)
-    return groups or None
+    for row in frames:
+        shared = sorted(set.intersection(*(set(f[seeds].dropna().index) for f in row)))
+        groups.append(np.stack([f.loc[shared, seeds].to_numpy(np.float64).T for f in row]) * 100)
+    return groups
+
+
+def total_avg_groups(
+    data: ReportData, student: str, stream: str, objective: str
+) -> list[np.ndarray] | None:
+    """One (seeds, problems) accuracy array (percent) per benchmark of one stream's pooled
+    seeds, problems in sorted id order, or None without every benchmark's per-problem rows."""
+    frames = [data.bench_problems.get((student, stream, objective, b)) for b in data.benchmarks]
+    if not frames or any(f is None for f in frames):
+        return None
+    return [f.dropna().sort_index().to_numpy(np.float64).T * 100 for f in frames]
+
+
+def with_total_avg_intervals(data: ReportData, settings: BootstrapSettings) -> pd.DataFrame:
+    """`data.streams` with `total_avg ci_low` and `total_avg ci_high`: the bootstrap interval of
+    each Total Avg over its training seeds and each benchmark's problems
+    (`qup_ray.stats.bootstrap_mean`; NaN without per-problem rows, e.g. from a table)."""
+    out = data.streams.copy()
+    lows, highs = [], []
+    for row in out.itertuples():
+        groups = total_avg_groups(data, row.student, row.stream, row.objective)
+        lo = hi = np.nan
+        if groups is not None and pd.notna(row.total_avg):
+            lo, hi = bootstrap_mean(groups, settings.num_resamples, settings.seed, settings.level)
+        lows.append(lo)
+        highs.append(hi)
+    out[f"{Y_MEASURE} ci_low"], out[f"{Y_MEASURE} ci_high"] = lows, highs
+    return out
+
+
+def totals_table(data: ReportData, student: str, objective: str) -> pd.DataFrame:
+    """One row per stream of one student and objective: seeds pooled, Total Avg with its
+    interval, reward and PPL: the numbers the verdict is drawn from."""
+    table = data.measures(student, objective)
+    cols = ["n_seeds", Y_MEASURE, f"{Y_MEASURE} ci_low", f"{Y_MEASURE} ci_high", "reward", "ppl"]
+    rows = [
+        {"stream": s, **{c: table.at[s, c] if c in table.columns else np.nan for c in cols}}
+        for s in data.stream_names[student]
+        if s in table.index and s not in data.untrained
+    ]
+    return pd.DataFrame(rows, columns=["stream", *cols]).dropna(axis=1, how="all")
 
 
 def _correlation_rows(
@@ -97,7 +145,7 @@ def _correlation_rows(
     streams = list(both.index)
     enough = len(streams) >= 2
     x_groups = _x_groups(data, student, streams, x) if enough else None
-    y_groups = _y_groups(data, student, objective, streams) if x_groups else None
+    y_groups = accuracy_groups(data, student, objective, streams) if x_groups else None
     rows = []
     for method in METHODS:
         value = rank_correlation(both[x], both[Y_MEASURE], method) if enough else np.nan
@@ -159,6 +207,10 @@ def quality_table(data: ReportData, student: str, settings: BootstrapSettings) -
             table = data.measures(student, objective)
             total = table[Y_MEASURE].get(stream, np.nan) if Y_MEASURE in table.columns else np.nan
             row[f"{objective} total_avg"] = total
+            for end in ("ci_low", "ci_high"):
+                col = f"{Y_MEASURE} {end}"
+                bound = table[col].get(stream, np.nan) if col in table.columns else np.nan
+                row[f"{objective} total_avg {end}"] = bound
         rows.append(row)
     base = data.base_row(student)
     if base is not None:  # the untrained student: the reference every stream should beat
@@ -190,14 +242,18 @@ def accuracy_table(data: ReportData, student: str, objective: str) -> pd.DataFra
             )
             if pd.isna(acc):
                 absent.append(bench)
-        row["total_avg"] = values.get(Y_MEASURE, np.nan) if values is not None else np.nan
+        for col in ("n_seeds", Y_MEASURE, f"{Y_MEASURE} ci_low", f"{Y_MEASURE} ci_high"):
+            row[col] = values.get(col, np.nan) if values is not None else np.nan
         row["status"] = (
             "not trained (training.streams)"
             if stream in data.untrained
             else _status(absent, data.benchmarks, row["total_avg"])
         )
         rows.append(row)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    unknown = [c for c in ("n_seeds", f"{Y_MEASURE} ci_low", f"{Y_MEASURE} ci_high")
+               if c in frame.columns and frame[c].isna().all()]  # fmt: skip
+    return frame.drop(columns=unknown)
 
 
 def _status(absent: list[str], benchmarks: list[str], total_avg: float) -> str:

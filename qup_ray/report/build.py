@@ -13,11 +13,14 @@ import pandas as pd
 
 from qup_ray.report import plots
 from qup_ray.report.analysis import (
+    Y_MEASURE,
     BootstrapSettings,
     accuracy_table,
     correlations,
     quality_table,
     style_shift,
+    totals_table,
+    with_total_avg_intervals,
 )
 from qup_ray.report.collect import OWN_STREAM, ReportData
 from qup_ray.report.render import Document, format_cell
@@ -54,6 +57,24 @@ def _with_intervals(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _seeds_sentence(data: ReportData) -> str:
+    """How the training seeds are pooled, in words ("" for a per-stream table)."""
+    counts = {len(by_seed) for by_seed in data.seeds.values()}
+    if not counts:
+        return ""
+    seeds = sorted({s for by_seed in data.seeds.values() for s in by_seed})
+    if counts == {1}:
+        return (
+            f"One training seed ({seeds[0]}): Total Avg intervals are over benchmark problems "
+            "only, so they leave out seed-to-seed variation."
+        )
+    return (
+        f"Training seeds {', '.join(map(str, seeds))}: each objective's Total Avg is the mean "
+        "over the seeds evaluated on every benchmark (n_seeds), its interval resamples seeds "
+        "and benchmark problems; per-seed values are in seeds.csv."
+    )
+
+
 def _write_csv(out_dir: Path, name: str, df: pd.DataFrame) -> Path:
     return write_text(out_dir / f"{name}.csv", df.to_csv(index=False))
 
@@ -64,11 +85,16 @@ def build_report(
     """Compute every table, plot and verdict of `data` into `out_dir`; returns row counts."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    data.streams = with_total_avg_intervals(data, settings)
     corr = correlations(data, settings)
     verdict = verdicts(data, corr, settings)
     _write_csv(out_dir, "correlations", corr)
     _write_csv(out_dir, "verdict", verdict)
     _write_csv(out_dir, "streams", data.streams)
+    seeds = pd.DataFrame(
+        data.seed_totals, columns=["student", "objective", "stream", "seed", "cell", "total_avg"]
+    )
+    _write_csv(out_dir, "seeds", seeds)
     missing = pd.DataFrame(data.missing, columns=["what", "path", "reason"])
     _write_csv(out_dir, "missing", missing)
 
@@ -80,13 +106,17 @@ def build_report(
         f"{', '.join(data.objectives)}. Benchmarks: {', '.join(data.benchmarks) or 'none listed'}. "
         f"Intervals: {settings.level:.0%} percentile bootstrap, {settings.num_resamples} "
         f"resamples, seed {settings.seed}. A stream's reward, PPL and style values are means "
-        "over its traces (as in scores/*/summary.json); Avg@k and its spread are in percent.",
+        "over its traces (as in scores/*/summary.json); Avg@k and its spread are in percent. "
+        f"{_seeds_sentence(data)}",
     )
     doc.add("h2", "Verdict")
     for (student, objective), rows in verdict.groupby(["student", "objective"], sort=False):
         doc.add("h3", f"{student}, {objective}")
         for row in rows.itertuples():
             doc.add("verdict", f"{CLAIM_TITLES[row.claim]} ({row.evidence}): {row.text}")
+        totals = totals_table(data, student, objective)
+        if Y_MEASURE in totals.columns:
+            doc.add("table", _with_intervals(totals))
     doc.add("h2", "What is missing")
     if missing.empty:
         doc.add("p", "Nothing: every expected score, training curve and evaluation is present.")
@@ -137,7 +167,7 @@ def _student_tables(
         acc = accuracy_table(data, student, objective)
         _write_csv(out_dir, _slug("accuracy", student, objective), acc)
         doc.add("h3", f"Accuracy, {objective}")
-        doc.add("table", acc)
+        doc.add("table", _with_intervals(acc))
     shift = style_shift(data, student, OWN_STREAM)
     if not shift.empty:
         _write_csv(out_dir, _slug("style_shift", student), shift.reset_index(names="stream"))
@@ -152,13 +182,19 @@ def _student_plots(doc: Document, data: ReportData, student: str, out_dir: Path)
     figures = [
         (
             plots.ppl_vs_accuracy(data, student, png("ppl_vs_accuracy")),
-            "Global PPL against Total Avg, labelled by stream",
+            "Global PPL against Total Avg, labelled by stream (error bars: Total Avg interval)",
             "PPL vs Total Avg",
         ),
         (
             plots.quarter_ppl(data, student, png("quarter_ppl")),
             "PPL per quarter Q1..Q4 of the traces, per stream",
             "Q1..Q4 PPL",
+        ),
+        (
+            plots.total_avg_bars(data, student, png("total_avg")),
+            "Total Avg per stream; error bars: the bootstrap interval over training seeds and "
+            "benchmark problems; dots: single seeds",
+            "Total Avg with intervals",
         ),
         (
             plots.reward_rank_vs_accuracy_rank(data, student, png("reward_rank")),

@@ -20,7 +20,7 @@ import pandas as pd
 
 from qup_ray import metrics
 from qup_ray.config import ExperimentConfig
-from qup_ray.rundir import MANIFEST, read_parquet, train_cells, train_streams
+from qup_ray.rundir import MANIFEST, read_parquet, seed_cells, train_streams
 
 logger = logging.getLogger(__name__)
 
@@ -50,25 +50,33 @@ class ReportData:
 
     `streams` has one row per (student, objective, stream) with the stream's point values:
     reward (the first reward model), reward-<rm> for each model, ppl, q1_ppl..q4_ppl,
-    retention, style frequencies, acc:<benchmark> and spread:<benchmark> (percent), total_avg.
-    A value that is missing is NaN; the row is still there. Base students are rows with stream
-    and objective `base`.
+    retention, style frequencies, acc:<benchmark> and spread:<benchmark> (percent), total_avg
+    and n_seeds. With several training seeds an objective's values pool its seeds: the mean
+    over the seeds evaluated on every benchmark (`n_seeds` of them). A value that is missing is
+    NaN; the row is still there. Base students are rows with stream and objective `base`.
     """
 
     source: str
     streams: pd.DataFrame
     students: list[str]
     objectives: list[str]
+    """Objectives and robustness variants (`dft`, `dft-lr2e-05-bs128`), seeds pooled."""
     stream_names: dict[str, list[str]]
     reward_models: list[str] = field(default_factory=list)
     benchmarks: list[str] = field(default_factory=list)
+    seeds: dict[str, dict[int, str]] = field(default_factory=dict)
+    """Objective -> training seed -> its cell folder (`dft`, `dft-seed1`); empty for a table."""
     problems: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)
     """(student, stream) -> per-problem values (index problem_id): reward*, ppl, q*_ppl,
     style frequencies."""
-    bench_problems: dict[tuple[str, str, str, str], pd.Series] = field(default_factory=dict)
-    """(student, stream, objective, benchmark) -> per-problem accuracy (mean over samples, 0-1)."""
+    bench_problems: dict[tuple[str, str, str, str], pd.DataFrame] = field(default_factory=dict)
+    """(student, stream, objective, benchmark) -> per-problem accuracy (mean over samples, 0-1),
+    index problem_id, one column per pooled training seed."""
+    seed_totals: list[dict] = field(default_factory=list)
+    """One row per trained cell: student, objective, stream, seed, cell, total_avg (NaN until
+    every benchmark is evaluated)."""
     curves: dict[tuple[str, str, str], pd.DataFrame] = field(default_factory=dict)
-    """(student, stream, objective) -> training metrics (step, ce, ...)."""
+    """(student, stream, objective) -> training metrics (seed, step, ce, ...) of every seed."""
     untrained: set[str] = field(default_factory=set)
     """Streams the config leaves out of training and evaluation (`training.streams`)."""
     missing: list[dict[str, str]] = field(default_factory=list)
@@ -181,36 +189,85 @@ def benchmark_accuracy(samples: pd.DataFrame) -> tuple[pd.Series, float, float]:
     return per_problem, metrics.avg_at_k(table) * 100, np.nan if spread is None else spread * 100
 
 
-def _eval_cell(
-    data: ReportData, root: Path, student: str, stream: str, objective: str
-) -> dict[str, float]:
-    """Avg@k per benchmark (percent), spread and Total Avg of one evaluated cell."""
-    folder = root / "eval" / student / stream / objective
-    row: dict[str, float] = {}
-    found = 0
+def _eval_folder(
+    data: ReportData, root: Path, student: str, stream: str, folder: str
+) -> dict[str, tuple[pd.Series, float, float]]:
+    """Benchmark -> (per-problem accuracy, Avg@k, spread) of one evaluated model, for the
+    benchmarks evaluated so far; the others are recorded in `data.missing`."""
+    cell = f"{student}/{stream}/{folder}"
+    found = {}
     for bench in data.benchmarks:
-        path = folder / f"{bench}.parquet"
+        path = root / "eval" / cell / f"{bench}.parquet"
         # The eval stage finishes a (model, benchmark) unit with `<bench>/_manifest.json` just
         # after writing its rows; a unit folder without one is still being evaluated.
-        running = (folder / bench).is_dir() and not _finished(folder / bench)
+        running = path.with_suffix("").is_dir() and not _finished(path.with_suffix(""))
         if running or not path.is_file():
             data.missing.append(
                 {
-                    "what": f"eval {student}/{stream}/{objective} {bench}",
-                    "path": f"eval/{student}/{stream}/{objective}/{bench}.parquet",
+                    "what": f"eval {cell} {bench}",
+                    "path": f"eval/{cell}/{bench}.parquet",
                     "reason": "being evaluated" if running else "not evaluated yet",
                 }
             )
             continue
-        per_problem, avg, spread = benchmark_accuracy(read_parquet(path).to_pandas())
-        data.bench_problems[(student, stream, objective, bench)] = per_problem
-        row[acc_col(bench)], row[spread_col(bench)] = avg, spread
-        found += 1
-    if found and found == len(data.benchmarks):
-        row["total_avg"] = metrics.total_avg({b: row[acc_col(b)] for b in data.benchmarks})
-    if found and not _finished(folder):
-        logger.info("%s has benchmark files but no manifest: evaluation still running", folder)
+        found[bench] = benchmark_accuracy(read_parquet(path).to_pandas())
+    if found and not _finished(root / "eval" / cell):
+        logger.info("eval/%s has benchmark files but no manifest: still running", cell)
+    return found
+
+
+def _eval_cells(
+    data: ReportData, root: Path, student: str, stream: str, objective: str, by_seed: dict
+) -> dict[str, float]:
+    """Avg@k and spread per benchmark (percent), Total Avg and n_seeds of one objective's
+    models (one per training seed), pooled: means over the seeds evaluated on every benchmark,
+    or, while no seed is, over the seeds that have each benchmark."""
+    per_seed = {seed: _eval_folder(data, root, student, stream, f) for seed, f in by_seed.items()}
+    every = len(data.benchmarks)
+    complete = [s for s, found in per_seed.items() if every and len(found) == every]
+    pooled = {s: per_seed[s] for s in complete} if complete else per_seed
+    row: dict[str, float] = {"n_seeds": len(complete)}
+    for bench in data.benchmarks:
+        found = {s: r[bench] for s, r in pooled.items() if bench in r}
+        if found:
+            data.bench_problems[(student, stream, objective, bench)] = pd.DataFrame(
+                {s: acc for s, (acc, _, _) in found.items()}
+            )
+            row[acc_col(bench)] = float(np.mean([avg for _, avg, _ in found.values()]))
+            row[spread_col(bench)] = float(np.nanmean([sp for _, _, sp in found.values()]))
+    totals = {
+        s: metrics.total_avg({b: r[b][1] for b in data.benchmarks}) if s in complete else np.nan
+        for s, r in per_seed.items()
+    }
+    if complete:
+        row["total_avg"] = float(np.mean([totals[s] for s in complete]))
+    if stream != BASE:
+        data.seed_totals += [
+            {"student": student, "objective": objective, "stream": stream, "seed": s,
+             "cell": f"{student}/{stream}/{by_seed[s]}", "total_avg": t}
+            for s, t in totals.items()
+        ]  # fmt: skip
     return row
+
+
+def _curves(
+    data: ReportData, root: Path, student: str, stream: str, objective: str
+) -> dict[tuple[str, str, str], pd.DataFrame]:
+    """The training metrics of an objective's cells, one `seed` column telling them apart."""
+    frames = []
+    for seed, folder in data.seeds[objective].items():
+        path = root / "train" / student / stream / folder / "metrics.parquet"
+        if path.is_file():
+            frames.append(read_parquet(path).to_pandas().assign(seed=seed))
+        else:
+            data.missing.append(
+                {
+                    "what": f"training curve {student}/{stream}/{folder}",
+                    "path": f"train/{student}/{stream}/{folder}/metrics.parquet",
+                    "reason": "not trained yet",
+                }
+            )
+    return {(student, stream, objective): pd.concat(frames, ignore_index=True)} if frames else {}
 
 
 def from_run_dir(cfg: ExperimentConfig, root: str | Path | None = None) -> ReportData:
@@ -222,10 +279,11 @@ def from_run_dir(cfg: ExperimentConfig, root: str | Path | None = None) -> Repor
         source=f"run directory {root.name}",
         streams=pd.DataFrame(),
         students=students,
-        objectives=train_cells(cfg),
+        objectives=list(seed_cells(cfg)),
         stream_names={s: list(streams) for s in students},
         reward_models=list(cfg.scoring.reward_models),
         benchmarks=list(cfg.evaluation.benchmarks),
+        seeds=seed_cells(cfg),
         untrained=set(streams) - set(train_streams(cfg)),
     )
     rows = []
@@ -251,20 +309,12 @@ def from_run_dir(cfg: ExperimentConfig, root: str | Path | None = None) -> Repor
                 if stream in data.untrained:
                     rows.append(row)
                     continue
-                curve_path = root / "train" / student / stream / objective / "metrics.parquet"
-                if curve_path.is_file():
-                    data.curves[(student, stream, objective)] = read_parquet(curve_path).to_pandas()
-                else:
-                    data.missing.append(
-                        {
-                            "what": f"training curve {student}/{stream}/{objective}",
-                            "path": f"train/{student}/{stream}/{objective}/metrics.parquet",
-                            "reason": "not trained yet",
-                        }
-                    )
-                rows.append({**row, **_eval_cell(data, root, student, stream, objective)})
+                data.curves.update(_curves(data, root, student, stream, objective))
+                by_seed = data.seeds[objective]
+                rows.append({**row, **_eval_cells(data, root, student, stream, objective, by_seed)})
         if cfg.evaluation.evaluate_base:
-            base = _eval_cell(data, root, student, BASE, BASE)
+            base = _eval_cells(data, root, student, BASE, BASE, {cfg.training.seed: BASE})
+            base["n_seeds"] = np.nan  # not trained: no training seed
             rows.append({"student": student, "objective": BASE, "stream": BASE, **base})
     frame = pd.DataFrame(rows)
     for col in ("reward", "total_avg", "ppl"):

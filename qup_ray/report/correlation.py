@@ -7,28 +7,29 @@ value is scipy's, on the streams' mean values. Its interval comes from a two-par
 - the x measure (reward, PPL, ...) is a mean over the *shared problem set*, which every stream of
   a student covers with the same problem ids: one resample of problem indices is applied to all
   streams at once (paired), and every stream's mean is recomputed;
-- the y measure (Total Avg) is a mean over benchmarks of a mean over each benchmark's problems:
-  every benchmark's problems are resampled independently of the x problems and of each other,
-  again the same indices for all streams;
+- the y measure (Total Avg) is a mean over training seeds and benchmarks of a mean over each
+  benchmark's problems: the seeds are resampled (the same draw for every benchmark and every
+  stream: a seed's model answers every benchmark), and every benchmark's problems are resampled
+  independently of the x problems and of each other, again the same indices for all streams;
 - the correlation of the resampled stream values is computed; the interval is the percentile
   interval of those correlations.
 
 Draw order, so the interval is reproducible from a seed (and re-computable by hand):
-`rng = numpy.random.default_rng(seed)`; for each group of x and then each group of y, in order,
-`rng.integers(0, n_items, size=(num_resamples, n_items))`: row b holds resample b's indices.
+`rng = numpy.random.default_rng(seed)`; the x groups' draws, then the y groups' draws, each as
+`qup_ray.stats.resampled_means` documents (with one seed: for each group in order,
+`rng.integers(0, n_items, size=(num_resamples, n_items))`, row b holding resample b's indices).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
 from scipy import stats
 
-CHUNK_ELEMENTS = 1 << 22
-"""Values gathered at once while resampling (32 MiB of float64), whatever the problem count."""
+from qup_ray.stats import percentile_interval, resampled_means
+
 Method = Literal["spearman", "kendall"]
 METHODS: tuple[Method, ...] = ("spearman", "kendall")
 
@@ -70,35 +71,6 @@ def rank_correlation_rows(x: np.ndarray, y: np.ndarray, method: Method) -> np.nd
     raise ValueError(f"unknown method {method!r}")
 
 
-def _resampled_means(
-    groups: Sequence[np.ndarray], num_resamples: int, rng: np.random.Generator
-) -> np.ndarray:
-    """(resamples, streams) grouped means with each group's items resampled. A group's draws
-    are one (resamples, items) index matrix, drawn in row chunks to bound memory (a Generator
-    gives the same numbers either way)."""
-    out = np.zeros((num_resamples, groups[0].shape[0]))
-    for g in groups:
-        num_items = g.shape[1]
-        rows_per_chunk = max(1, CHUNK_ELEMENTS // max(num_items * g.shape[0], 1))
-        for start in range(0, num_resamples, rows_per_chunk):
-            stop = min(num_resamples, start + rows_per_chunk)
-            idx = rng.integers(0, num_items, size=(stop - start, num_items))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN resample is NaN
-                out[start:stop] += np.nanmean(g[:, idx], axis=2).T
-    return out / len(groups)
-
-
-def _percentile_interval(
-    values: np.ndarray, num_resamples: int, level: float
-) -> tuple[float, float]:
-    values = values[~np.isnan(values)]
-    if values.size * 2 < num_resamples:
-        return float("nan"), float("nan")
-    alpha = (1 - level) / 2
-    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
-
-
 def bootstrap_correlation(
     x_groups: Sequence[np.ndarray],
     y_groups: Sequence[np.ndarray],
@@ -109,25 +81,12 @@ def bootstrap_correlation(
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of the rank correlation between two grouped measures.
 
-    `x_groups` and `y_groups` are lists of (streams, items) arrays, rows in the same stream
-    order; items are resampled within each group (draw order: see the module docstring).
+    `x_groups` and `y_groups` are lists of (streams, items) or (streams, seeds, items) arrays,
+    rows in the same stream order; seeds and items are resampled within each group (draw
+    order: see the module docstring).
     Resamples where the correlation is undefined (a side all tied) are left out; NaN when more
     than half are."""
-    x_groups = [np.asarray(g, np.float64) for g in x_groups]
-    y_groups = [np.asarray(g, np.float64) for g in y_groups]
     rng = np.random.default_rng(seed)
-    xs = _resampled_means(x_groups, num_resamples, rng)
-    ys = _resampled_means(y_groups, num_resamples, rng)
-    return _percentile_interval(rank_correlation_rows(xs, ys, method), num_resamples, level)
-
-
-def bootstrap_mean(
-    groups: Sequence[np.ndarray], num_resamples: int, seed: int, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of one grouped mean (groups of 1-D item arrays), e.g. of a
-    paired per-problem difference between two streams, or of a Total Avg difference with one
-    group per benchmark. Same draw order as `bootstrap_correlation`."""
-    groups = [np.asarray(g, np.float64).reshape(1, -1) for g in groups]
-    rng = np.random.default_rng(seed)
-    means = _resampled_means(groups, num_resamples, rng)[:, 0]
-    return _percentile_interval(means, num_resamples, level)
+    xs = resampled_means(x_groups, num_resamples, rng)
+    ys = resampled_means(y_groups, num_resamples, rng)
+    return percentile_interval(rank_correlation_rows(xs, ys, method), num_resamples, level)

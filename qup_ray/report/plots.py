@@ -92,6 +92,9 @@ def ppl_vs_accuracy(data: ReportData, student: str, path: Path) -> Path | None:
     fig, axes = _grid(len(panels))
     for ax, (objective, table) in zip(axes, panels, strict=True):
         _log_if_wide(ax, table.ppl.to_numpy(), "x")
+        low, high = _interval_errors(data.measures(student, objective).loc[table.index])
+        ax.errorbar(table.ppl, table.total_avg, yerr=[low, high], fmt="none", ecolor="grey",
+                    elinewidth=1, capsize=3)  # fmt: skip
         _scatter_labelled(ax, table.ppl, table.total_avg, colors)
         ax.set(
             title=f"{student} {objective}",
@@ -99,6 +102,46 @@ def ppl_vs_accuracy(data: ReportData, student: str, path: Path) -> Path | None:
             ylabel="Total Avg (%)",
         )
         ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _interval_errors(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Distances from each Total Avg to its interval's ends (0 where there is no interval), as
+    matplotlib's asymmetric `yerr` wants them."""
+    total = table["total_avg"].to_numpy(float)
+    ends = [f"total_avg {e}" for e in ("ci_low", "ci_high")]
+    if not set(ends) <= set(table.columns):
+        return np.zeros_like(total), np.zeros_like(total)
+    low, high = (table[c].to_numpy(float) for c in ends)
+    return np.nan_to_num(total - low), np.nan_to_num(high - total)
+
+
+def total_avg_bars(data: ReportData, student: str, path: Path) -> Path | None:
+    """Total Avg of each stream, one panel per objective, with the interval over training seeds
+    and benchmark problems as error bars and each seed's own Total Avg as a dot."""
+    panels = [(o, data.measures(student, o)[["total_avg"]].dropna()) for o in data.objectives]
+    panels = [(o, t) for o, t in panels if not t.empty]
+    if not panels:
+        return None
+    colors = _colors(data.stream_names[student])
+    seeds = pd.DataFrame(data.seed_totals, columns=["student", "objective", "stream", "total_avg"])
+    fig, axes = _grid(len(panels), width_in=max(5.0, 0.9 * len(data.stream_names[student]) + 2))
+    for ax, (objective, table) in zip(axes, panels, strict=True):
+        x = np.arange(len(table))
+        low, high = _interval_errors(data.measures(student, objective).loc[table.index])
+        ax.bar(x, table.total_avg, yerr=[low, high], capsize=4,
+               color=[colors.get(s) for s in table.index])  # fmt: skip
+        mine = seeds[(seeds.student == student) & (seeds.objective == objective)]
+        for i, stream in enumerate(table.index):
+            values = mine[mine.stream == stream].total_avg.dropna().to_numpy(float)
+            ax.scatter(np.full(values.size, i), values, color="black", s=12, zorder=3)
+        base = data.base_row(student)
+        if base is not None and pd.notna(base.get("total_avg")):
+            ax.axhline(base["total_avg"], color=_colors([])[BASE], ls="--", lw=1, label=BASE)
+            ax.legend(fontsize=8)
+        ax.set(title=f"{student} {objective}", ylabel="Total Avg (%)", xticks=x)
+        ax.set_xticklabels(table.index, rotation=30, ha="right", fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)
 
 
@@ -201,8 +244,12 @@ def training_curves(data: ReportData, student: str, path: Path) -> Path | None:
     for ax, objective in zip(axes, panels, strict=True):
         for stream in data.stream_names[student]:
             curve = data.curves.get((student, stream, objective))
-            if curve is not None and {"step", "ce"} <= set(curve.columns):
-                ax.plot(curve.step, curve.ce, label=stream, color=colors.get(stream), lw=1.2)
+            if curve is None or not {"step", "ce"} <= set(curve.columns):
+                continue
+            by_seed = curve.groupby("seed") if "seed" in curve.columns else [(None, curve)]
+            for i, (_, one) in enumerate(by_seed):  # every seed, one colour per stream
+                ax.plot(one.step, one.ce, label=None if i else stream, color=colors.get(stream),
+                        lw=1.2, alpha=1.0 if i == 0 else 0.5)  # fmt: skip
         ax.set(title=f"{student} {objective}", xlabel="optimizer step", ylabel="cross-entropy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -1,12 +1,17 @@
 """The verdict: the paper's three claims checked on this run's numbers, in plain words.
 
 Nothing here is written in advance: each sentence is built from the correlations and stream
-values of one student and objective, and says how strong the evidence is:
-- `strong`: the bootstrap interval lies entirely on the side of the claimed sign;
-- `weak`: the interval crosses zero;
-- `no intervals`: per-stream numbers only (a `--from-table` report);
-- `too few streams`: fewer than `MIN_STREAMS` streams have both values, a rank says little.
-`holds` is True/False for the claim, None where it cannot be judged at all.
+values of one student and objective (training seeds pooled), and starts with its `outcome`:
+- `holds`: the bootstrap interval (over training seeds and problems) lies entirely on the side
+  the paper claims (e.g. Spearman rho of reward vs Total Avg below zero);
+- `does not hold`: the interval lies entirely on the other side: the run contradicts the
+  paper, and the report says so;
+- `inconclusive`: the interval contains zero, so the run cannot tell either way;
+- `no verdict`: too few streams have the numbers, or one measure does not vary.
+Without intervals (per-stream numbers of a `--from-table` report) the outcome follows the
+point value's sign, and `evidence` says `no intervals`. `evidence` is `strong` (the interval
+excludes zero), `weak` (it crosses zero), `no intervals`, `too few streams`, `no spread` or
+`no data`; `holds` is True / False for holds / does not hold, else None.
 """
 
 from __future__ import annotations
@@ -16,13 +21,14 @@ from itertools import combinations
 import numpy as np
 import pandas as pd
 
-from qup_ray.report.analysis import Y_MEASURE, BootstrapSettings
+from qup_ray.report.analysis import Y_MEASURE, BootstrapSettings, accuracy_groups
 from qup_ray.report.collect import QUARTERS, REFINED_STREAM, STYLE_PREFIX, ReportData
-from qup_ray.report.correlation import bootstrap_mean
+from qup_ray.stats import bootstrap_mean
 
 MIN_STREAMS = 3
 MAX_PAIRS_SHOWN = 3
-VERDICT_COLUMNS = ("student", "objective", "claim", "holds", "evidence", "text")
+VERDICT_COLUMNS = ("student", "objective", "claim", "outcome", "holds", "evidence", "text")
+HOLDS, FAILS, INCONCLUSIVE, NO_VERDICT = "holds", "does not hold", "inconclusive", "no verdict"
 
 
 def _corr(
@@ -49,6 +55,32 @@ EVIDENCE_WORDS = {
     "weak": "its bootstrap interval crosses zero, so the evidence is weak",
     "no intervals": "no intervals: per-stream numbers only, no per-problem rows to resample",
 }
+
+
+def _outcome(point_holds: bool, low: float, high: float) -> str:
+    """holds / does not hold / inconclusive for a claim of a negative relation: by where its
+    interval lies (wholly below zero, wholly above, across), by the point value's sign alone
+    when there is no interval."""
+    if np.isnan(low) or np.isnan(high):
+        return HOLDS if point_holds else FAILS
+    if high < 0:
+        return HOLDS
+    return FAILS if low > 0 else INCONCLUSIVE
+
+
+def _finish(out: dict, outcome: str, evidence: str, text: str) -> dict:
+    """A verdict row whose sentence leads with its outcome."""
+    holds = {HOLDS: True, FAILS: False}.get(outcome)
+    lead = {HOLDS: "Holds", FAILS: "Does not hold", INCONCLUSIVE: "Inconclusive"}[outcome]
+    if outcome == FAILS and evidence != "no intervals":
+        text += " The paper's direction does not hold in this run: that is the result."
+    return {
+        **out,
+        "outcome": outcome,
+        "holds": holds,
+        "evidence": evidence,
+        "text": f"{lead}. {text}",
+    }
 
 
 def _interval(ci: tuple[float, float]) -> str:
@@ -82,12 +114,13 @@ def _too_few(out: dict, rho: pd.Series | None, name: str) -> dict:
             f"{name} vs Total Avg: over {n} streams one of the two is the same for every "
             "stream, so there is no ranking to compare, no verdict."
         )
-        return {**out, "holds": None, "evidence": "no spread", "text": text}
+        return {**out, "outcome": NO_VERDICT, "holds": None, "evidence": "no spread", "text": text}
     text = (
         f"{name} vs Total Avg: only {n} stream(s) have both values (at least {MIN_STREAMS} "
         "needed), no verdict."
     )
-    return {**out, "holds": None, "evidence": "too few streams", "text": text}
+    return {**out, "outcome": NO_VERDICT, "holds": None, "evidence": "too few streams",
+            "text": text}  # fmt: skip
 
 
 def _reward_claim(data: ReportData, corr: pd.DataFrame, student: str, objective: str) -> dict:
@@ -114,7 +147,7 @@ def _reward_claim(data: ReportData, corr: pd.DataFrame, student: str, objective:
         f"; {EVIDENCE_WORDS[evidence]}. By reward: {_ranking(table, 'reward')}; "
         f"by Total Avg: {_ranking(table, Y_MEASURE)}."
     )
-    return {**out, "holds": holds, "evidence": evidence, "text": text}
+    return _finish(out, _outcome(holds, rho.ci_low, rho.ci_high), evidence, text)
 
 
 def _ppl_claim(data: ReportData, corr: pd.DataFrame, student: str, objective: str) -> dict:
@@ -153,7 +186,7 @@ def _ppl_claim(data: ReportData, corr: pd.DataFrame, student: str, objective: st
         values = ", ".join(f"{q.removesuffix('_ppl').upper()} {v:+.2f}" for q, v in known)
         negative = sum(v < 0 for _, v in known)
         text += f" Per quarter: negative in {negative} of {len(known)} ({values})."
-    return {**out, "holds": holds, "evidence": evidence, "text": text}
+    return _finish(out, _outcome(holds, rho.ci_low, rho.ci_high), evidence, text)
 
 
 def _style_claim(
@@ -174,24 +207,33 @@ def _style_claim(
     ):
         return {
             **out,
+            "outcome": NO_VERDICT,
             "holds": None,
             "evidence": "no data",
             "text": f"Style alignment: needs PPL and Total Avg of {REFINED_STREAM} and of a "
             f"{STYLE_PREFIX}_* stream; not available, no verdict.",
         }
     ref = table.loc[REFINED_STREAM]
-    parts, all_hold, evidences = [], True, []
+    parts, all_hold, evidences, wrong_side = [], True, [], False
     for s in usable:
         row = table.loc[s]
         all_hold &= bool(row.ppl < ref.ppl and row[Y_MEASURE] > ref[Y_MEASURE])
         ppl_ci, acc_ci = _difference_intervals(data, student, objective, s, settings)
         evidences += [_evidence(*ppl_ci), _evidence(*acc_ci)]
+        # An interval wholly on the wrong side (PPL higher, or accuracy lower, than refined).
+        wrong_side |= bool(ppl_ci[0] > 0 or acc_ci[1] < 0)
         parts.append(
             f"{s}: PPL {row.ppl:.3g} vs {ref.ppl:.3g} ({row.ppl - ref.ppl:+.3g}{_interval(ppl_ci)}), "
             f"Total Avg {row[Y_MEASURE]:.3g} vs {ref[Y_MEASURE]:.3g} "
             f"({row[Y_MEASURE] - ref[Y_MEASURE]:+.3g}{_interval(acc_ci)})"
         )
     evidence = next((e for e in ("no intervals", "weak") if e in evidences), "strong")
+    if evidence == "no intervals":
+        outcome = HOLDS if all_hold else FAILS
+    elif wrong_side:
+        outcome = FAILS
+    else:
+        outcome = HOLDS if evidence == "strong" and all_hold else INCONCLUSIVE
     lead = (
         "Style alignment lowers PPL and raises accuracy over oracle refinement"
         if all_hold
@@ -202,19 +244,14 @@ def _style_claim(
         "weak": "a difference's bootstrap interval crosses zero, so the evidence is weak",
         "no intervals": EVIDENCE_WORDS["no intervals"],
     }[evidence]
-    return {
-        **out,
-        "holds": all_hold,
-        "evidence": evidence,
-        "text": f"{lead}: {'; '.join(parts)}; {tail}.",
-    }
+    return _finish(out, outcome, evidence, f"{lead}: {'; '.join(parts)}; {tail}.")
 
 
 def _difference_intervals(
     data: ReportData, student: str, objective: str, stream: str, settings: BootstrapSettings
 ) -> tuple[tuple[float, float], tuple[float, float]]:
     """Bootstrap intervals of (stream - oracle_refined) PPL (paired over problems) and Total Avg
-    (paired over each benchmark's problems); NaN without per-problem rows."""
+    (paired over training seeds and each benchmark's problems); NaN without per-problem rows."""
     nan = (np.nan, np.nan)
     a, b = data.problems.get((student, stream)), data.problems.get((student, REFINED_STREAM))
     ppl_ci = nan
@@ -226,16 +263,12 @@ def _difference_intervals(
             settings.seed,
             settings.level,
         )
-    groups = []
-    for bench in data.benchmarks:
-        sa = data.bench_problems.get((student, stream, objective, bench))
-        sb = data.bench_problems.get((student, REFINED_STREAM, objective, bench))
-        if sa is None or sb is None:
-            return ppl_ci, nan
-        shared = sa.index.intersection(sb.index)
-        groups.append((sa.loc[shared] - sb.loc[shared]).to_numpy() * 100)
+    # Paired over the training seeds and each benchmark's problems both streams have.
+    groups = accuracy_groups(data, student, objective, [stream, REFINED_STREAM])
     acc_ci = (
-        bootstrap_mean(groups, settings.num_resamples, settings.seed, settings.level)
+        bootstrap_mean(
+            [g[0] - g[1] for g in groups], settings.num_resamples, settings.seed, settings.level
+        )
         if groups
         else nan
     )

@@ -16,6 +16,18 @@
    objective, benchmark) in `eval/summary.parquet` (`qup_ray.metrics.summarize`) and the
    Total Avg of every model with all its benchmarks done in `eval/totals.parquet`.
 
+Faults: Ray restarts an engine actor that dies and sends its batch again; samples are seeded per
+request, so the redone batch gives the rows an unbroken run gives. A problem that kills its actor
+every time it is sent (a poison input) is isolated (`engines.isolating_crashes`): the unfinished
+shards are redone one request per batch and the problem goes to the unit's rejected table
+(reason `engine_crash`, with the error); every other shard is written and the stage finishes.
+One rule for every problem without samples, whether its prompt fills the context or it crashed
+its engine: it is left out of Avg@k, pass@k and maj@k (and of `num_problems`) and counted in
+`num_rejected`, with its reason in `eval/<cell>/<benchmark>/rejected.parquet` (`finish_unit`).
+Each unit's manifest counts its isolated rows and names the engine pass that generated it;
+each cell's manifest and `eval/_manifest.json` sum the actor restarts and retried batches of
+their distinct engine passes and the isolated rows (`faults`, shown by `qup status`).
+
 One job evaluates many models inside one Ray cluster; `cells` restricts it to some (the SLURM
 grid runs one job per cell). Every job rebuilds the two summary tables from the finished units.
 """
@@ -40,13 +52,19 @@ from qup_ray.config import ExperimentConfig, result_view
 from qup_ray.data import PROBLEM_SCHEMA, load_problems
 from qup_ray.data import REJECTED_SCHEMA as BENCHMARK_REJECTED_SCHEMA
 from qup_ray.encoding import ChatFormat, fit_generation
-from qup_ray.engines import generate_and_grade, request_seed
+from qup_ray.engines import (
+    PoolEvents,
+    collect_shards,
+    generate_and_grade,
+    isolating_crashes,
+    request_seed,
+)
 from qup_ray.models import engine_max_len, resolve_model
 from qup_ray.prompts import load_prompt
 from qup_ray.rundir import (
     BLOCKED,
+    CRASHED_SCHEMA,
     MANIFEST,
-    REJECTED_SCHEMA,
     RunDir,
     Stage,
     StageError,
@@ -54,6 +72,7 @@ from qup_ray.rundir import (
     eval_cells,
     manifest_fingerprint,
     read_json,
+    read_parquet,
     rejected_row,
     stable_hash,
     write_json,
@@ -78,7 +97,11 @@ class Unit:
     stage: Stage
     requests: list[dict] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
+    """Problems rejected before generation (prompt over the context)."""
     done_shards: set[int] = field(default_factory=set)
+    engine_pass: dict[str, Any] | None = None
+    """The engine pass that generated this run's shards of the unit: its id and what its
+    pools survived (`generate`)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,7 +242,13 @@ def generate(
     student, so one prompt format and one set of stop tokens). The engine actors load the models
     one after another in the same process (`model_path` column), so many models pay one actor
     start-up and one import of vLLM; each shard is written as soon as all its samples are
-    graded."""
+    graded.
+
+    Ray restarts an engine actor that dies and redoes its batch. If a batch kills its actor past
+    every retry, the unfinished shards are redone one request per batch, and the requests that
+    still crash are written to `crashed-*.parquet` beside their shard (`write_shards`). Every
+    unit that took part records the pass (`Unit.engine_pass`: its id, actor restarts, retried
+    batches)."""
     e = cfg.evaluation
     pending = [
         dict(q, work=w, unit=u, shard=i // e.shard_size, model_path=work.model_path)
@@ -230,9 +259,7 @@ def generate(
     ]
     if not pending:
         return
-    expected = Counter((q["work"], q["unit"], q["shard"]) for q in pending)
-    position = {(q["work"], q["unit"], q["problem_id"]): i for i, q in enumerate(pending)}
-    engine = cfg.students[student].engine
+    units = {(q["work"], q["unit"]): works[q["work"]].pending[q["unit"]] for q in pending}
     sampling = {
         "n": e.num_samples,
         "temperature": e.temperature,
@@ -240,34 +267,82 @@ def generate(
         "max_tokens": e.max_new_tokens,
         "stop_token_ids": stop_token_ids,
     }
+    # The pass's events beside the first unit's shards: shared storage on a cluster, and gone
+    # once that unit finishes.
+    events_root = next(iter(units.values())).stage.shard_dir / "engine_events"
+    pools = [PoolEvents.fresh(events_root)]
+
+    def redo_unfinished(failure: str) -> None:
+        finished = {key: unit.stage.finished_shards() for key, unit in units.items()}
+        todo = [q for q in pending if q["shard"] not in finished[(q["work"], q["unit"])]]
+        pools.append(PoolEvents.fresh(events_root))
+        write_shards(cfg, student, works, todo, sampling, pools[-1], error=failure)
+
+    isolating_crashes(
+        lambda: write_shards(cfg, student, works, pending, sampling, pools[0]),
+        redo_unfinished,
+        f"eval {student}: generation",
+    )
+    num_actors = cfg.students[student].engine.num_actors
+    survived: Counter[str] = Counter()
+    for events in pools:
+        survived.update(events.summary(num_actors))
+    engine_pass = {"id": pools[0].path.name, "actor_restarts": survived["actor_restarts"],
+                   "retried_batches": survived["retried_batches"]}  # fmt: skip
+    for unit in units.values():
+        unit.engine_pass = engine_pass
+
+
+def write_shards(
+    cfg: ExperimentConfig, student: str, works: list[CellWork], pending: list[dict],
+    sampling: dict[str, Any], events: PoolEvents, error: str | None = None,
+) -> None:  # fmt: skip
+    """One generate -> grade pipeline over `pending`, writing each (model, benchmark, shard) once
+    all its samples are in. With an `error` (the failure that made this an isolating pass), one
+    request per batch: a shard's problems left without their samples crashed their actor every
+    time and are written, with the error, to the shard's `crashed` table before the shard."""
+    n = cfg.evaluation.num_samples
+    engine = cfg.students[student].engine
     ds = generate_and_grade(
         pending,
         None,
         engine,
         sampling=sampling,
         grading=cfg.grading,
-        batch_size=engine_batch_size(engine.batch_size, e.shard_size),
+        batch_size=engine_batch_size(engine.batch_size, cfg.evaluation.shard_size),
         cache_dir=str(cfg.cache_root()),
         tags={"student": student, "stage": "eval"},
+        events_dir=events.path,
+        isolating=error is not None,
     )
-    buffers: dict[tuple[int, int, int], list[dict]] = defaultdict(list)
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        for row in batch.to_pylist():
-            key = (row["work"], row["unit"], row["shard"])
-            buffers[key].append(row)
-            if len(buffers[key]) == expected[key] * e.num_samples:
-                rows = sorted(
-                    buffers.pop(key),
-                    key=lambda r: (position[(key[0], key[1], r["problem_id"])], r["sample_idx"]),
-                )
-                unit = works[key[0]].pending[key[1]]
-                table = pa.Table.from_pylist(
-                    [{k: r.get(k) for k in SAMPLE_SCHEMA.names} for r in rows], SAMPLE_SCHEMA
-                )
-                unit.stage.write_shard(key[2], table)
-                logger.info("%s: shard %d written", unit.stage.dir, key[2])
-    if buffers:
-        raise RuntimeError(f"{student}: incomplete shards after generation: {sorted(buffers)}")
+    expected = Counter((q["work"], q["unit"], q["shard"]) for q in pending)
+    position = {(q["work"], q["unit"], q["problem_id"]): i for i, q in enumerate(pending)}
+
+    def write(key: tuple[int, int, int], rows: list[dict]) -> None:  # in request order
+        unit = works[key[0]].pending[key[1]]
+        rows = sorted(
+            rows, key=lambda r: (position[(key[0], key[1], r["problem_id"])], r["sample_idx"])
+        )
+        if error is not None:
+            per_problem = Counter(r["problem_id"] for r in rows)
+            crashed = [
+                rejected_row(q["problem_id"], "engine_crash", len(q["prompt_ids"]), 0,
+                             table=unit.benchmark) | {"error": error}
+                for q in pending
+                if (q["work"], q["unit"], q["shard"]) == key and per_problem[q["problem_id"]] < n
+            ]  # fmt: skip
+            lost = {r["problem_id"] for r in crashed}
+            rows = [r for r in rows if r["problem_id"] not in lost]
+            write_parquet(unit.stage.shard_dir / f"crashed-{key[2]:06d}.parquet",
+                          pa.Table.from_pylist(crashed, schema=CRASHED_SCHEMA))  # fmt: skip
+        table = pa.Table.from_pylist(
+            [{k: r.get(k) for k in SAMPLE_SCHEMA.names} for r in rows], SAMPLE_SCHEMA
+        )
+        unit.stage.write_shard(key[2], table)
+        logger.info("%s: shard %d written", unit.stage.dir, key[2])
+
+    collect_shards(ds, expected, n, lambda r: (r["work"], r["unit"], r["shard"]), write,
+                   error=error, what=student)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,28 +413,37 @@ def evaluate_cells(
 
 
 def finish_unit(cfg: ExperimentConfig, cell: str, unit: Unit, model_path: str) -> None:
-    """Per-sample table beside the unit folder, the unit's rejected table, summary, manifest."""
+    """Per-sample table beside the unit folder, the unit's rejected table, summary, manifest.
+
+    The one rule for problems without samples: rejected before generation (prompt over the
+    context) or isolated during it (`engine_crash`: it killed its engine actor every time), a
+    problem is a row of the unit's rejected table, counted in `rejected` (the summary's
+    `num_rejected`), and left out of `problems` and of every metric: Avg@k, pass@k and maj@k
+    are over the problems that have their k samples."""
+    crashed = [
+        row
+        for path in sorted(unit.stage.shard_dir.glob("crashed-*.parquet"))
+        for row in read_parquet(path).to_pylist()
+    ]
+    rejected = [row | {"error": None} for row in unit.rejected] + crashed
+    num_problems = len(unit.requests) - len(crashed)
     table = unit.stage.read_shards()
     table = (
         table.select(SAMPLE_SCHEMA.names).cast(SAMPLE_SCHEMA)
         if table.num_rows
         else (SAMPLE_SCHEMA.empty_table())
     )
-    rows = table.to_pylist()
-    if len(rows) != len(unit.requests) * cfg.evaluation.num_samples:
+    rows = table.drop_columns(["response"]).to_pylist()  # counts and metrics need no text
+    if len(rows) != num_problems * cfg.evaluation.num_samples:
         raise RuntimeError(
-            f"{unit.stage.dir}: {len(rows)} samples for {len(unit.requests)} "
+            f"{unit.stage.dir}: {len(rows)} samples for {num_problems} "
             f"problems x {cfg.evaluation.num_samples}"
         )
     write_parquet(unit.stage.dir.parent / f"{unit.benchmark}.parquet", table)
-    unit.stage.write_table("rejected", pa.Table.from_pylist(unit.rejected, schema=REJECTED_SCHEMA))
+    unit.stage.write_table("rejected", pa.Table.from_pylist(rejected, schema=CRASHED_SCHEMA))
     summary = metrics.summarize(rows) if rows else None
     unit.stage.finish(
-        row_counts={
-            "samples": len(rows),
-            "problems": len(unit.requests),
-            "rejected": len(unit.rejected),
-        },
+        row_counts={"samples": len(rows), "problems": num_problems, "rejected": len(rejected)},
         cell=cell,
         benchmark=unit.benchmark,
         model_path=model_path,
@@ -369,6 +453,8 @@ def finish_unit(cfg: ExperimentConfig, cell: str, unit: Unit, model_path: str) -
         num_generation_shortened=sum(
             1 for q in unit.requests if q["max_tokens"] < cfg.evaluation.max_new_tokens
         ),
+        faults={"isolated_rows": len(crashed)},
+        engine_pass=unit.engine_pass,
     )
     if summary:
         logger.info(
@@ -398,10 +484,24 @@ def write_cell_manifest(
             },
             "avg_at_k": {b: (m.get("summary") or {}).get("avg_at_k") for b, m in manifests.items()},
             "generated_tokens": sum(m.get("generated_tokens", 0) for m in manifests.values()),
+            "faults": summed_faults(manifests.values()),
             "timings": {"duration_s": round(busy_seconds(manifests.values()), 3)},
             "fingerprint": content_fingerprint(cell_dir, config_hash),
         },
     )
+
+
+def summed_faults(unit_manifests: Iterable[dict]) -> dict[str, int]:
+    """What these units survived: the actor restarts and retried batches of their distinct
+    engine passes (units generated in one pass share its pools: counted once) and their
+    isolated rows."""
+    manifests = list(unit_manifests)
+    passes = {m["engine_pass"]["id"]: m["engine_pass"] for m in manifests if m.get("engine_pass")}
+    return {
+        "actor_restarts": sum(p["actor_restarts"] for p in passes.values()),
+        "retried_batches": sum(p["retried_batches"] for p in passes.values()),
+        "isolated_rows": sum(m.get("faults", {}).get("isolated_rows", 0) for m in manifests),
+    }
 
 
 def busy_seconds(manifests: Iterable[dict]) -> float:
@@ -449,33 +549,38 @@ def summary_schema(cfg: ExperimentConfig) -> pa.Schema:
     )
 
 
-def summary_rows(
+def current_units(
     cfg: ExperimentConfig, run: RunDir, benchmarks: dict[str, list[dict]]
-) -> list[dict[str, Any]]:
-    """One row per finished (model, benchmark) unit of the configured cells and benchmarks
-    whose manifest matches this config and model: a unit left from another config is not mixed
-    in, even when this job did not redo it."""
-    rows = []
+) -> list[tuple[str, str, dict]]:
+    """(cell, benchmark, manifest) of every finished unit of the configured cells and
+    benchmarks whose manifest matches this config and model: a unit left from another config is
+    not mixed in, even when this job did not redo it."""
+    units = []
     for cell in eval_cells(cfg):
-        student, stream, objective = cell.split("/")
+        stream = cell.split("/")[1]
         train_dir = None if stream == BASE else run.root / "train" / cell
         inputs = {str(train_dir): manifest_fingerprint(train_dir)} if train_dir else {}
         for bench, problems in benchmarks.items():
             path = run.root / "eval" / cell / bench / MANIFEST
             m = read_json(path) if path.is_file() else {}
             current = m.get("config_hash") == unit_hash(cfg, cell, bench, problems)
-            if current and m.get("inputs") == inputs and m.get("summary"):
-                rows.append(
-                    {
-                        "student": student,
-                        "stream": stream,
-                        "objective": objective,
-                        "benchmark": bench,
-                        **m["summary"],
-                        "num_rejected": m["row_counts"].get("rejected", 0),
-                    }
-                )
-    return rows
+            if current and m.get("inputs") == inputs:
+                units.append((cell, bench, m))
+    return units
+
+
+def summary_rows(units: list[tuple[str, str, dict]]) -> list[dict[str, Any]]:
+    """One row per current unit (`current_units`) with samples."""
+    return [
+        {
+            **dict(zip(("student", "stream", "objective"), cell.split("/"), strict=True)),
+            "benchmark": bench,
+            **m["summary"],
+            "num_rejected": m["row_counts"].get("rejected", 0),
+        }
+        for cell, bench, m in units
+        if m.get("summary")
+    ]
 
 
 def totals_rows(cfg: ExperimentConfig, summary: list[dict]) -> list[dict[str, Any]]:
@@ -502,7 +607,8 @@ def write_summaries(
 ) -> Path:
     """eval/summary.parquet, eval/totals.parquet and eval/_manifest.json (written last)."""
     out = run.root / "eval"
-    summary = summary_rows(cfg, run, benchmarks)
+    units = current_units(cfg, run, benchmarks)
+    summary = summary_rows(units)
     totals = totals_rows(cfg, summary)
     write_parquet(out / "summary.parquet", pa.Table.from_pylist(summary, summary_schema(cfg)))
     write_parquet(out / "totals.parquet", pa.Table.from_pylist(totals, TOTALS_SCHEMA))
@@ -520,6 +626,7 @@ def write_summaries(
             },
             "blocked_models": blocked,
             "cells_this_run": states,
+            "faults": summed_faults(m for _, _, m in units),
             "fingerprint": content_fingerprint(out, config_hash),
         },
     )

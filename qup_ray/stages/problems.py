@@ -14,14 +14,23 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as compute
 from tqdm import tqdm
 
 from qup_ray.config import ExperimentConfig, result_view
-from qup_ray.data import PROBLEM_SCHEMA, REJECTED_SCHEMA, load_problems, normalize_text
-from qup_ray.rundir import RunDir, Stage, stable_hash
+from qup_ray.data import (
+    PROBLEM_SCHEMA,
+    REJECTED_SCHEMA,
+    hub_folder,
+    iter_problems,
+    load_problems,
+    normalize_text,
+)
+from qup_ray.rundir import RunDir, Stage, iter_batches, stable_hash, table_writer
 
 logger = logging.getLogger(__name__)
 
@@ -34,35 +43,41 @@ def word_ngrams(text: str, n: int) -> set[tuple[str, ...]]:
     return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
-def contamination(
-    problems: list[dict], benchmark_rows: dict[str, list[dict]], n: int, max_overlap: float
-) -> dict[str, str]:
-    """problem_id -> benchmark name, for problems sharing more than `max_overlap` of their
-    n-grams with one benchmark problem set (or equal to a benchmark problem)."""
+def ngram_index(benchmark_rows: dict[str, list[dict]], n: int) -> dict[tuple[str, ...], str]:
+    """Each word n-gram of the benchmark problems -> the (first) benchmark holding it."""
     index: dict[tuple[str, ...], str] = {}
     for name, rows in benchmark_rows.items():
         for row in rows:
             for gram in word_ngrams(row["problem"], n):
                 index.setdefault(gram, name)
-    hits: dict[str, str] = {}
-    for row in tqdm(problems, desc="decontaminate", unit="problem", mininterval=2, leave=False):
-        grams = word_ngrams(row["problem"], n)
-        if not grams:
-            continue
-        matched: dict[str, int] = {}
-        for gram in grams:
-            bench = index.get(gram)
-            if bench is not None:
-                matched[bench] = matched.get(bench, 0) + 1
-        for bench, count in matched.items():
-            if count / len(grams) >= max_overlap:
-                hits[row["problem_id"]] = bench
-                break
-    return hits
+    return index
+
+
+def overlapping_benchmark(
+    text: str, index: dict[tuple[str, ...], str], n: int, max_overlap: float
+) -> str | None:
+    """The benchmark a problem shares at least `max_overlap` of its n-grams with (a problem
+    equal to a benchmark problem shares all), or None."""
+    grams = word_ngrams(text, n)
+    if not grams:
+        return None
+    matched: dict[str, int] = {}
+    for gram in grams:
+        bench = index.get(gram)
+        if bench is not None:
+            matched[bench] = matched.get(bench, 0) + 1
+    for bench, count in matched.items():
+        if count / len(grams) >= max_overlap:
+            return bench
+    return None
 
 
 def run(cfg: ExperimentConfig, *, force: bool = False) -> Path:
-    """Build `<run>/problems/`; skipped when its manifest matches the config."""
+    """Build `<run>/problems/`; skipped when its manifest matches the config.
+
+    The source streams through once: each row is checked (malformed, duplicate, contaminated)
+    as it comes and written to a scratch table; only ids are held. The seeded sample is drawn
+    from the sorted ids, then its rows are read back from the scratch table."""
     pc = cfg.problems
     config_hash = cfg.section_hash("problems")
     if pc.decontaminate:  # the benchmarks decontaminated against, not the rest of evaluation
@@ -70,56 +85,92 @@ def run(cfg: ExperimentConfig, *, force: bool = False) -> Path:
     stage = Stage(RunDir.for_config(cfg).root / "problems", config_hash, force=force)
     if stage.is_done():
         return stage.dir
+    if pc.source.kind == "hub":  # a missing source is named before the benchmarks are loaded
+        hub_folder(pc.source)
     with stage.running():
-        with stage.timed("load"):
-            rows, rejected = load_problems(pc.source)
-        num_loaded = len(rows) + len(rejected)
-        num_malformed = len(rejected)
-
-        unique: dict[str, dict] = {}
-        for row in rows:
-            first = unique.setdefault(row["problem_id"], row)
-            if first is not row:
-                rejected.append(_rejection(row, f"duplicate of {first['problem_id']}"))
-        num_duplicates = len(rows) - len(unique)
-
-        num_contaminated = 0
+        index = None
         if pc.decontaminate and cfg.evaluation.benchmarks:
             with stage.timed("decontaminate"):
-                bench_rows = {
-                    name: load_problems(bench.source, benchmark=name)[0]
-                    for name, bench in cfg.evaluation.benchmarks.items()
-                }
-                hits = contamination(
-                    list(unique.values()), bench_rows, pc.ngram_size, pc.max_overlap
+                index = ngram_index(
+                    {name: load_problems(bench.source, benchmark=name)[0]
+                     for name, bench in cfg.evaluation.benchmarks.items()},
+                    pc.ngram_size,
+                )  # fmt: skip
+        scratch = stage.shard_dir  # removed by stage.finish
+        scratch.mkdir(parents=True, exist_ok=True)
+        # Rejections in the order the whole-table code listed them: malformed, duplicates,
+        # contaminated (each in source order).
+        parts = [scratch / f"{k}.parquet" for k in ("malformed", "duplicates", "contaminated")]
+        seen: set[str] = set()
+        pool: list[str] = []  # ids of the usable, unique, clean problems
+        counts = Counter()
+        with (
+            stage.timed("load"),
+            table_writer(scratch / "usable.parquet", PROBLEM_SCHEMA) as usable,
+            table_writer(parts[0], REJECTED_SCHEMA) as malformed,
+            table_writer(parts[1], REJECTED_SCHEMA) as duplicate,
+            table_writer(parts[2], REJECTED_SCHEMA) as contaminated,
+        ):
+            for row, bad in tqdm(iter_problems(pc.source), desc="problems", unit="row",
+                                 mininterval=2, leave=False):  # fmt: skip
+                counts["loaded"] += 1
+                if row is None:
+                    counts["rejected_malformed"] += 1
+                    malformed(bad)
+                    continue
+                pid = row["problem_id"]
+                if pid in seen:
+                    counts["duplicates"] += 1
+                    duplicate(_rejection(row, f"duplicate of {pid}"))
+                    continue
+                seen.add(pid)
+                bench = (
+                    overlapping_benchmark(row["problem"], index, pc.ngram_size, pc.max_overlap)
+                    if index is not None
+                    else None
                 )
-            for pid, bench in hits.items():
-                rejected.append(_rejection(unique.pop(pid), f"contaminated: overlaps {bench}"))
-            num_contaminated = len(hits)
+                if bench is not None:
+                    counts["contaminated"] += 1
+                    contaminated(_rejection(row, f"contaminated: overlaps {bench}"))
+                    continue
+                usable(row)
+                pool.append(pid)
 
         # Sample from a canonical order so the result depends only on the data and the seed.
-        pool = sorted(unique.values(), key=lambda r: r["problem_id"])
+        pool.sort()
         if len(pool) < pc.num_problems:
             logger.warning(
                 "only %d usable problems, fewer than the %d asked for", len(pool), pc.num_problems
             )
         sampled = random.Random(pc.seed).sample(pool, min(pc.num_problems, len(pool)))
-
-        stage.write_table("problems", pa.Table.from_pylist(sampled, schema=PROBLEM_SCHEMA))
-        stage.write_table("rejected", pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA))
+        stage.write_table("problems", sampled_rows(scratch / "usable.parquet", sampled))
+        stage.write_table("rejected", iter_batches(parts), schema=REJECTED_SCHEMA)
         counts = {
-            "loaded": num_loaded,
-            "rejected_malformed": num_malformed,
-            "duplicates": num_duplicates,
-            "contaminated": num_contaminated,
+            "loaded": counts["loaded"],
+            "rejected_malformed": counts["rejected_malformed"],
+            "duplicates": counts["duplicates"],
+            "contaminated": counts["contaminated"],
             "not_sampled": len(pool) - len(sampled),
             "sampled": len(sampled),
         }
         logger.info("problems: %s", counts)
-        stage.finish(
-            row_counts={"problems": len(sampled), "rejected": len(rejected)}, counts=counts
-        )
+        num_rejected = counts["rejected_malformed"] + counts["duplicates"] + counts["contaminated"]
+        stage.finish(row_counts={"problems": len(sampled), "rejected": num_rejected}, counts=counts)
     return stage.dir
+
+
+def sampled_rows(usable_path: Path, sampled: list[str]) -> pa.Table:
+    """The rows of the `sampled` ids, in sample order: filtered in Arrow a batch at a time."""
+    value_set = pa.array(sampled, pa.string())
+    parts = [
+        pa.Table.from_batches([b]).filter(
+            compute.is_in(b.column("problem_id"), value_set=value_set)
+        )
+        for b in iter_batches(usable_path)
+    ]
+    table = pa.concat_tables(parts) if parts else PROBLEM_SCHEMA.empty_table()
+    position = {pid: i for i, pid in enumerate(table.column("problem_id").to_pylist())}
+    return table.take(pa.array([position[pid] for pid in sampled], pa.int64())).cast(PROBLEM_SCHEMA)
 
 
 def _rejection(row: dict, reason: str) -> dict:

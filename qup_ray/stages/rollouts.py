@@ -17,18 +17,22 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import Counter, defaultdict
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from qup_ray.answers import answer_parts
 from qup_ray.config import ExperimentConfig, result_view
+from qup_ray.data import PROBLEM_SCHEMA
 from qup_ray.encoding import ChatFormat, fit_generation
 from qup_ray.engines import (
     PoolEvents,
     VLLMGenerator,
+    collect_shards,
     generate_and_grade,
     isolating_crashes,
     request_seed,
@@ -37,11 +41,14 @@ from qup_ray.models import engine_max_len, resolve_model
 from qup_ray.prompts import load_prompt
 from qup_ray.rft import select_rft
 from qup_ray.rundir import (
-    REJECTED_SCHEMA,
+    CRASHED_SCHEMA,
     STREAM_SCHEMA,
     RunDir,
     Stage,
     StageError,
+    iter_batches,
+    iter_rows,
+    num_rows,
     read_parquet,
     rejected_row,
     stable_hash,
@@ -56,18 +63,18 @@ ROLLOUT_SCHEMA = pa.schema(
      ("extracted", pa.string()), ("extract_mode", pa.string()), ("correct", pa.bool_()),
      ("status", pa.string())]
 )  # fmt: skip
-CRASHED_SCHEMA = REJECTED_SCHEMA.append(pa.field("error", pa.string()))
 """The rollouts' rejected table: a request whose prompt fills the context, or one that crashed
 its engine actor every time it was sent (reason `engine_crash`, with the error)."""
 
 
 def build_prompts(
-    cfg: ExperimentConfig, student: str, model_path: str, problems: list[dict],
+    cfg: ExperimentConfig, student: str, model_path: str, problems: Iterable[dict],
     fmt: ChatFormat | None = None,
 ) -> tuple[list[dict], list[dict]]:  # fmt: skip
     """Generation requests (token ids from the one encoding, a per-request seed and a generation
     limit fitted to the engine's context) and the rejected rows: problems whose prompt alone
-    fills the engine's context."""
+    fills the engine's context. `problems` may stream (rows of `problem_id`, `problem`,
+    `answer`): only the requests are kept."""
     model = cfg.students[student]
     fmt = fmt or ChatFormat.for_model(model_path, model.prompt)
     limit = engine_max_len(model.engine, model_path)
@@ -165,14 +172,10 @@ def write_shards(cfg: ExperimentConfig, student: str, model_path: str, pending: 
     expected = Counter(q["shard"] for q in pending)
     ds = rollout_dataset(cfg, student, model_path, pending, fmt=fmt, events=events,
                          isolating=error is not None)  # fmt: skip
-    # Chunks arrive in completion order; shards are written in request order. Rows are keyed by
-    # (problem, sample): a redone batch can never add a row twice.
     position = {q["problem_id"]: i for i, q in enumerate(pending)}
-    buffers: dict[int, dict[tuple[str, int], dict]] = defaultdict(dict)
 
-    def write(shard: int) -> None:
-        rows = sorted(buffers.pop(shard, {}).values(),
-                      key=lambda x: (position[x["problem_id"]], x["sample_idx"]))  # fmt: skip
+    def write(shard: int, rows: list[dict]) -> None:  # in request order
+        rows = sorted(rows, key=lambda x: (position[x["problem_id"]], x["sample_idx"]))
         if error is not None:
             got = {row["problem_id"] for row in rows}
             crashed = [rejected_row(q["problem_id"], "engine_crash", len(q["prompt_ids"]), 0)
@@ -183,27 +186,18 @@ def write_shards(cfg: ExperimentConfig, student: str, model_path: str, pending: 
         stage.write_shard(shard, pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA))
         logger.info("%s: shard %d written", stage.dir, shard)
 
+    def keep(row: dict) -> dict:
+        return {k: row.get(k) for k in ROLLOUT_SCHEMA.names if k != "student"} | {
+            "student": student
+        }
+
     with stage.timed("generate_and_grade"):
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for row in batch.to_pylist():
-                shard = row["shard"]
-                if shard not in expected:  # written already: a redone batch's late copy
-                    continue
-                buffers[shard][(row["problem_id"], row["sample_idx"])] = {
-                    k: row.get(k) for k in ROLLOUT_SCHEMA.names if k != "student"
-                } | {"student": student}
-                if len(buffers[shard]) == expected[shard] * n:
-                    write(shard)
-                    del expected[shard]
-    if error is not None:  # shards that lost requests to crashes
-        for shard in sorted(expected):
-            write(shard)
-    elif buffers:
-        raise RuntimeError(f"incomplete shards after generation: {sorted(buffers)}")
+        collect_shards(ds, expected, n, lambda row: row["shard"], write, error=error, keep=keep,
+                       what=str(stage.dir))  # fmt: skip
 
 
 def run_student(
-    cfg: ExperimentConfig, run: RunDir, student: str, problems: list[dict], force: bool
+    cfg: ExperimentConfig, run: RunDir, student: str, problems_path: Path, force: bool
 ) -> Path:
     """Rollouts of one student: `rollouts/<student>/rollouts.parquet`."""
     model = cfg.students[student]
@@ -222,42 +216,78 @@ def run_student(
         t0 = time.time()
         model_path = resolve_model(model.path, cfg)
         fmt = ChatFormat.for_model(model_path, model.prompt)  # the tokenizer loads once
-        requests, rejected = build_prompts(cfg, student, model_path, problems, fmt)
+        requests, rejected = build_prompts(
+            cfg, student, model_path, iter_rows(problems_path, ["problem_id", "problem", "answer"]),
+            fmt,
+        )  # fmt: skip
         num_shards = math.ceil(len(requests) / cfg.rollouts.shard_size)
         done = stage.plan_shards(num_shards)
         survived = generate(cfg, student, model_path, requests, stage, done, fmt)
-        table = stage.read_shards()
         crashed = [row for path in sorted(stage.shard_dir.glob("crashed-*.parquet"))
                    for row in read_parquet(path).to_pylist()]  # fmt: skip
         rejected = [row | {"error": None} for row in rejected] + crashed
         stage.write_table("rejected", pa.Table.from_pylist(rejected, schema=CRASHED_SCHEMA))
-        stage.write_table("rollouts", table)
-        rows = table.to_pylist()
-        statuses = Counter(r["status"] for r in rows)
-        per_problem = Counter(r["problem_id"] for r in rows if r["correct"])
+        # Shard by shard into one table, and counted from its bookkeeping columns: the
+        # driver never holds the samples' text.
+        stage.write_table("rollouts", iter_batches(stage.shard_paths()), schema=ROLLOUT_SCHEMA)
+        tally = rollout_tally(stage.path("rollouts"))
+        problem_ids = read_parquet(problems_path, ["problem_id"]).column("problem_id").to_pylist()
+        first = next(iter_rows(problems_path, ["problem"], batch_rows=1), None)
+        generated_tokens = tally["generated_tokens"]
         stage.finish(
-            row_counts={"rollouts": len(rows), "problems": len(requests),
+            row_counts={"rollouts": tally["rows"], "problems": len(requests),
                         "rejected": len(rejected)},
             student=student, model_path=model.path,
             prompt={"file": model.prompt, "template": load_prompt(model.prompt),
-                    "example_rendered": fmt.prompt_text(problems[0]["problem"]) if problems else None,
+                    "example_rendered": fmt.prompt_text(first["problem"]) if first else None,
                     "example_ids": requests[0]["prompt_ids"] if requests else None},
             num_generation_shortened=sum(
                 1 for q in requests if q["max_tokens"] < cfg.rollouts.max_new_tokens),
-            statuses=dict(statuses),
+            statuses=tally["statuses"],
             # Gold answers with several boxed parts (all are required; see answers.answer_parts).
-            gold_multi_part=sum(1 for p in problems if len(answer_parts(p.get("solution") or "")) > 1),
-            num_correct=sum(1 for r in rows if r["correct"]),
-            num_truncated=sum(1 for r in rows if r["finish_reason"] == "length"),
-            pass_histogram=pass_histogram(per_problem, [p["problem_id"] for p in problems],
+            gold_multi_part=sum(1 for p in iter_rows(problems_path, ["solution"])
+                                if len(answer_parts(p.get("solution") or "")) > 1),
+            num_correct=tally["num_correct"],
+            num_truncated=tally["num_truncated"],
+            pass_histogram=pass_histogram(tally["correct_by_problem"], problem_ids,
                                           cfg.rollouts.num_samples_per_problem),
-            generated_tokens=sum(r["num_tokens"] for r in rows),
-            tokens_per_s=round(sum(r["num_tokens"] for r in rows) / max(time.time() - t0, 1e-9), 2),
+            generated_tokens=generated_tokens,
+            tokens_per_s=round(generated_tokens / max(time.time() - t0, 1e-9), 2),
             faults={"actor_restarts": survived.get("actor_restarts", 0),
                     "retried_batches": survived.get("retried_batches", 0),
                     "isolated_rows": len(crashed)},
         )  # fmt: skip
     return stage.dir
+
+
+def correct_counts(rollouts_path: Path) -> Counter:
+    """problem_id -> correct samples, from the `problem_id` and `correct` columns (streamed)."""
+    counts: Counter[str] = Counter()
+    for batch in iter_batches(rollouts_path, ["problem_id", "correct"]):
+        solved = batch.filter(pc.equal(batch.column("correct"), True)).column("problem_id")
+        for item in pc.value_counts(solved).to_pylist():
+            counts[item["values"]] += item["counts"]
+    return counts
+
+
+def rollout_tally(rollouts_path: Path) -> dict[str, Any]:
+    """What the rollouts manifest counts, read batch by batch from the bookkeeping columns:
+    rows, statuses, correct and truncated samples, generated tokens, correct per problem."""
+    tally: dict[str, Any] = {"rows": 0, "num_correct": 0, "num_truncated": 0,
+                             "generated_tokens": 0}  # fmt: skip
+    statuses: Counter[str] = Counter()
+    for batch in iter_batches(rollouts_path, ["status", "correct", "finish_reason", "num_tokens"]):
+        tally["rows"] += batch.num_rows
+        tally["num_correct"] += pc.sum(pc.equal(batch.column("correct"), True)).as_py() or 0
+        tally["num_truncated"] += (
+            pc.sum(pc.equal(batch.column("finish_reason"), "length")).as_py() or 0
+        )
+        tally["generated_tokens"] += pc.sum(batch.column("num_tokens")).as_py() or 0
+        for item in pc.value_counts(batch.column("status")).to_pylist():
+            statuses[item["values"]] += item["counts"]
+    tally["statuses"] = dict(statuses)
+    tally["correct_by_problem"] = correct_counts(rollouts_path)
+    return tally
 
 
 def pass_histogram(num_correct: Counter, problem_ids: list[str], n: int) -> dict[str, int]:
@@ -266,7 +296,7 @@ def pass_histogram(num_correct: Counter, problem_ids: list[str], n: int) -> dict
     return {str(k): hist.get(k, 0) for k in range(n + 1)}
 
 
-def run_problem_set(cfg: ExperimentConfig, run: RunDir, problems: list[dict], force: bool) -> Path:
+def run_problem_set(cfg: ExperimentConfig, run: RunDir, problems_path: Path, force: bool) -> Path:
     """The problems the anchor student solves at least once: `problem_set/problem_set.parquet`."""
     anchor = cfg.anchor_student
     inputs = [run.root / "problems", *[run.root / "rollouts" / s for s in cfg.students]]
@@ -277,25 +307,34 @@ def run_problem_set(cfg: ExperimentConfig, run: RunDir, problems: list[dict], fo
         return stage.dir
     with stage.running():
         n = cfg.rollouts.num_samples_per_problem
+        problem_ids = read_parquet(problems_path, ["problem_id"]).column("problem_id").to_pylist()
         histograms, correct_by_student = {}, {}
         for student in cfg.students:
-            rows = read_parquet(run.root / "rollouts" / student / "rollouts.parquet").select(
-                ["problem_id", "correct"]
-            )
-            counts = Counter(pid for pid, ok in zip(*rows.to_pydict().values(), strict=True) if ok)
+            counts = correct_counts(run.root / "rollouts" / student / "rollouts.parquet")
             correct_by_student[student] = counts
-            histograms[student] = pass_histogram(counts, [p["problem_id"] for p in problems], n)
+            histograms[student] = pass_histogram(counts, problem_ids, n)
         anchor_counts = correct_by_student[anchor]
-        kept = [
-            {**p, "anchor_num_correct": anchor_counts[p["problem_id"]],
-             "anchor_pass_rate": anchor_counts[p["problem_id"]] / n}
-            for p in problems if anchor_counts[p["problem_id"]] > 0
-        ]  # fmt: skip
-        stage.write_table("problem_set", kept)
+        solved = pa.array(sorted(anchor_counts), pa.string())
+        schema = PROBLEM_SCHEMA.append(pa.field("anchor_num_correct", pa.int64())).append(
+            pa.field("anchor_pass_rate", pa.float64())
+        )
+
+        def kept() -> Iterator[pa.RecordBatch]:  # the problems' order, text a batch at a time
+            for batch in iter_batches(problems_path):
+                batch = batch.filter(pc.is_in(batch.column("problem_id"), value_set=solved))
+                num = [anchor_counts[pid] for pid in batch.column("problem_id").to_pylist()]
+                yield pa.RecordBatch.from_arrays(
+                    [*batch.select(PROBLEM_SCHEMA.names).cast(PROBLEM_SCHEMA).columns,
+                     pa.array(num, pa.int64()), pa.array([k / n for k in num], pa.float64())],
+                    schema=schema,
+                )  # fmt: skip
+
+        stage.write_table("problem_set", kept(), schema=schema)
+        num_kept = num_rows(stage.path("problem_set"))
         stage.finish(
-            row_counts={"problem_set": len(kept)}, anchor_student=anchor,
-            counts={"problems": len(problems), "solved_by_anchor": len(kept),
-                    "unsolved_by_anchor": len(problems) - len(kept)},
+            row_counts={"problem_set": num_kept}, anchor_student=anchor,
+            counts={"problems": len(problem_ids), "solved_by_anchor": num_kept,
+                    "unsolved_by_anchor": len(problem_ids) - num_kept},
             pass_histograms=histograms,
         )  # fmt: skip
     return stage.dir
@@ -309,27 +348,65 @@ def run_slm_rft(cfg: ExperimentConfig, run: RunDir, student: str, force: bool) -
     if stage.is_done():
         return stage.dir
     with stage.running():
-        problem_set = {
-            p["problem_id"]: p for p in read_parquet(set_dir / "problem_set.parquet").to_pylist()
-        }
-        rollouts = read_parquet(rollouts_dir / "rollouts.parquet").to_pylist()
-        chosen, counts = select_rft(rollouts, set(problem_set), cfg.rollouts.rft, cfg.rollouts.seed)
-        rows = [
-            {"problem_id": c["problem_id"], "problem": problem_set[c["problem_id"]]["problem"],
-             "answer": problem_set[c["problem_id"]]["answer"], "trace": c["response"],
-             "student": student, "stream": "slm_rft", "sample_idx": c["sample_idx"],
-             "num_tokens": c["num_tokens"]}
-            for c in chosen
-        ]  # fmt: skip
-        stage.write_table("stream", pa.Table.from_pylist(rows, schema=STREAM_SCHEMA))
-        counts["problem_set"] = len(problem_set)
-        counts["no_correct_trace"] = len(problem_set) - len(
-            {r["problem_id"] for r in rollouts if r["correct"]} & set(problem_set)
-        )
+        rollouts_path = rollouts_dir / "rollouts.parquet"
+        problem_set = read_parquet(set_dir / "problem_set.parquet", ["problem_id"])
+        ids = set(problem_set.column("problem_id").to_pylist())
+        # The length limit needs every correct sample's length first (a column, no text); then
+        # one streamed pass judges each sample and keeps only (problem, sample, length).
+        light = read_parquet(rollouts_path, ["problem_id", "correct", "num_tokens"])
+        light = light.filter(pc.and_(pc.equal(light.column("correct"), True),
+                                     pc.is_in(light.column("problem_id"),
+                                              value_set=problem_set.column("problem_id"))))  # fmt: skip
+        chosen, counts = select_rft(
+            iter_rows(rollouts_path, ROLLOUT_COLUMNS_FOR_RFT), ids, cfg.rollouts.rft,
+            cfg.rollouts.seed, lengths=light.column("num_tokens").to_pylist(),
+            fields=("problem_id", "sample_idx", "num_tokens"),
+        )  # fmt: skip
+        stream = rft_stream(rollouts_path, set_dir / "problem_set.parquet", chosen, student)
+        stage.write_table("stream", stream)
+        counts["problem_set"] = len(ids)
+        counts["no_correct_trace"] = len(ids) - len(set(light.column("problem_id").to_pylist()))
         stage.finish(
-            row_counts={"stream": len(rows)}, filters=counts, selection=cfg.rollouts.rft.selection
-        )
+            row_counts={"stream": stream.num_rows}, filters=counts,
+            selection=cfg.rollouts.rft.selection,
+        )  # fmt: skip
     return stage.dir
+
+
+ROLLOUT_COLUMNS_FOR_RFT = [
+    "problem_id", "sample_idx", "response", "finish_reason", "num_tokens", "correct",
+]  # fmt: skip
+
+
+def rft_stream(rollouts_path: Path, problem_set_path: Path, chosen: list[dict],
+               student: str) -> pa.Table:  # fmt: skip
+    """The SLM-RFT stream of the `chosen` (problem_id, sample_idx) samples, sorted by problem:
+    their responses joined (in Arrow, a batch at a time) with their problems."""
+    keys = pa.table({"problem_id": pa.array([c["problem_id"] for c in chosen], pa.string()),
+                     "sample_idx": pa.array([c["sample_idx"] for c in chosen], pa.int64())})  # fmt: skip
+    parts = [
+        pa.Table.from_batches([batch]).join(keys, ["problem_id", "sample_idx"], join_type="inner")
+        for batch in iter_batches(
+            rollouts_path, ["problem_id", "sample_idx", "response", "num_tokens"]
+        )
+    ]
+    picked = (
+        pa.concat_tables(parts)
+        if parts
+        else keys.append_column("response", pa.array([], pa.string())).append_column(
+            "num_tokens", pa.array([], pa.int64())
+        )
+    )
+    problems = read_parquet(problem_set_path, ["problem_id", "problem", "answer"])
+    picked = picked.join(problems, "problem_id", join_type="inner").sort_by("problem_id")
+    n = picked.num_rows
+    return pa.table(
+        {"problem_id": picked.column("problem_id"), "problem": picked.column("problem"),
+         "answer": picked.column("answer"), "trace": picked.column("response"),
+         "student": pa.array([student] * n, pa.string()),
+         "stream": pa.array(["slm_rft"] * n, pa.string()),
+         "sample_idx": picked.column("sample_idx"), "num_tokens": picked.column("num_tokens")},
+    ).cast(STREAM_SCHEMA)  # fmt: skip
 
 
 def run(cfg: ExperimentConfig, *, force: bool = False) -> Path:
@@ -340,13 +417,12 @@ def run(cfg: ExperimentConfig, *, force: bool = False) -> Path:
     problems_path = run_dir.root / "problems" / "problems.parquet"
     if not problems_path.is_file():
         raise StageError(f"{problems_path} not found: run `qup run problems` first")
-    problems = read_parquet(problems_path).to_pylist()
     for model in cfg.students.values():  # a model missing offline stops here, before Ray starts
         resolve_model(model.path, cfg)
     init_ray(cfg.ray)
     for student in cfg.students:
-        run_student(cfg, run_dir, student, problems, force)
-    run_problem_set(cfg, run_dir, problems, force)
+        run_student(cfg, run_dir, student, problems_path, force)
+    run_problem_set(cfg, run_dir, problems_path, force)
     for student in cfg.students:
         run_slm_rft(cfg, run_dir, student, force)
     return run_dir.root / "rollouts"

@@ -12,7 +12,9 @@ For every student and every one of its streams (`streams/<student>/final/<stream
   semantic retention scores of the streams stage.
 All tables are keyed by problem_id, one row per trace. Engine results go through the score
 cache of `qup_ray.scoring` (`<run>/score_cache/`): a trace in several streams is scored once, and
-an interrupted run resumes from the engine batches it finished.
+an interrupted run resumes from the engine batches it finished. The driver reads the stream
+tables a batch at a time for each engine pass and keeps only keys, scores and the engine inputs
+still to score (int32 token ids), never every trace's text.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -31,7 +34,7 @@ from qup_ray.rundir import (
     RunDir,
     Stage,
     StageError,
-    read_parquet,
+    iter_rows,
     stable_hash,
     write_json,
 )
@@ -39,6 +42,10 @@ from qup_ray.scoring import PPL_FIELDS, pool_faults, score_ppl, score_reward, sc
 from qup_ray.stats import summarize
 
 logger = logging.getLogger(__name__)
+
+SCORED_COLUMNS = ["problem_id", "problem", "trace", "stream", "retention"]
+"""What scoring reads of a final stream table (the answer, source and selection columns stay on
+disk)."""
 
 
 def run(cfg: ExperimentConfig, *, force: bool = False) -> Path:
@@ -68,24 +75,38 @@ def run(cfg: ExperimentConfig, *, force: bool = False) -> Path:
     init_ray(cfg.ray)
     started = time.time()
 
-    traces: dict[str, list[dict]] = defaultdict(list)  # student -> traces of its pending streams
-    for student, stream, _ in pending:
-        table = read_parquet(run_dir.root / "streams" / student / "final" / f"{stream}.parquet")
-        for row in table.to_pylist():
-            traces[student].append({**row, "key": f"{student}|{stream}|{row['problem_id']}"})
-    all_traces = [t for ts in traces.values() for t in ts]
+    def final_path(student: str, stream: str) -> Path:
+        return run_dir.root / "streams" / student / "final" / f"{stream}.parquet"
 
+    def traces_of(students: list[str]) -> Iterator[dict]:
+        """The traces of these students' pending streams, read a batch at a time: each engine
+        pass reads them again rather than the driver holding every text."""
+        for student, stream, _ in pending:
+            if student in students:
+                for row in iter_rows(final_path(student, stream), SCORED_COLUMNS):
+                    yield {**row, "key": f"{student}|{stream}|{row['problem_id']}"}
+
+    # What the tables are written from: per pending stream, each trace's key and retention.
+    scored: dict[tuple[str, str], list[dict]] = {
+        (student, stream): [
+            {**row, "key": f"{student}|{stream}|{row['problem_id']}"}
+            for row in iter_rows(final_path(student, stream), ["problem_id", "retention"])
+        ]
+        for student, stream, _ in pending
+    }
+    students = list(dict.fromkeys(student for student, _, _ in pending))
     results: dict[str, dict[str, dict]] = defaultdict(dict)  # key -> table name -> row
     rejected: list[dict] = []  # rows with their key, over an engine's limit
-    for student, ts in traces.items():
-        logger.info("perplexity of %d traces under %s", len(ts), student)
-        for row in score_ppl(cfg, student, ts, rejected):
+    for student in students:
+        num = sum(len(rows) for (s, _), rows in scored.items() if s == student)
+        logger.info("perplexity of %d traces under %s", num, student)
+        for row in score_ppl(cfg, student, traces_of([student]), rejected):
             results[row["key"]]["ppl"] = row
-        for row in score_style(cfg, student, ts):
+        for row in score_style(cfg, student, traces_of([student])):
             results[row["key"]]["style"] = row
     for rm in cfg.scoring.reward_models:
-        logger.info("reward model %s on %d traces", rm, len(all_traces))
-        for row in score_reward(cfg, rm, all_traces, rejected):
+        logger.info("reward model %s on %d traces", rm, sum(map(len, scored.values())))
+        for row in score_reward(cfg, rm, traces_of(students), rejected):
             results[row["key"]][f"reward-{rm}"] = row
     faults = pool_faults(cfg, since=started)  # engine actors that died and were restarted
     rejected_by_key: dict[str, list[dict]] = defaultdict(list)
@@ -94,7 +115,7 @@ def run(cfg: ExperimentConfig, *, force: bool = False) -> Path:
 
     for student, stream, stage in pending:
         with stage.running():
-            rows = [t for t in traces[student] if t["stream"] == stream]
+            rows = scored[(student, stream)]
             tables = ["ppl", "style", *(f"reward-{rm}" for rm in cfg.scoring.reward_models)]
             summary: dict[str, dict] = {}
             stream_rejected = [r for t in rows for r in rejected_by_key[t["key"]]]

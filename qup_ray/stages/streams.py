@@ -30,9 +30,11 @@ import json
 import logging
 import random
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from qup_ray.config import ExperimentConfig, OracleConfig, result_view
 from qup_ray.grading import BoundedChecker
@@ -48,7 +50,16 @@ from qup_ray.oracle.prompts import (
 )
 from qup_ray.prompts import load_prompt
 from qup_ray.rft import rft_candidates
-from qup_ray.rundir import STREAM_SCHEMA, RunDir, Stage, StageError, read_parquet, stable_hash
+from qup_ray.rundir import (
+    STREAM_SCHEMA,
+    RunDir,
+    Stage,
+    StageError,
+    iter_batches,
+    num_rows,
+    read_parquet,
+    stable_hash,
+)
 from qup_ray.scoring import score_ppl, score_reward
 from qup_ray.selection import OWN_SAMPLES, SELECTION_STREAMS, select
 
@@ -201,7 +212,7 @@ def _row_status(cfg: ExperimentConfig, result: OracleResult, grade) -> tuple[str
     return "kept", ""
 
 
-def numina_stream(run: RunDir, student: str, problem_set: list[dict], force: bool) -> Path:
+def numina_stream(run: RunDir, student: str, force: bool) -> Path:
     """The source's own solutions (NuminaMath CoT) of the shared problem set."""
     stage = Stage(
         run.root / "streams" / student / "numina_subset",
@@ -212,19 +223,61 @@ def numina_stream(run: RunDir, student: str, problem_set: list[dict], force: boo
     if stage.is_done():
         return stage.dir
     with stage.running():
-        rows = [{"problem_id": p["problem_id"], "problem": p["problem"], "answer": p["answer"],
-                 "trace": p["solution"], "student": student, "stream": "numina_subset", "sample_idx": 0,
-                 "num_tokens": len(p["solution"].split()), "retention": None}
-                for p in problem_set if p["solution"]]  # fmt: skip
-        stage.write_table("stream", pa.Table.from_pylist(rows, schema=FINAL_SCHEMA))
-        stage.finish(row_counts={"stream": len(rows)}, no_solution=len(problem_set) - len(rows))
+        set_path = run.root / "problem_set" / "problem_set.parquet"
+        seen = {"problems": 0}
+
+        def rows() -> Iterator[pa.RecordBatch]:  # the problem set's order, a batch at a time
+            for batch in iter_batches(set_path, ["problem_id", "problem", "answer", "solution"]):
+                seen["problems"] += batch.num_rows
+                solution = batch.column("solution")
+                # A problem without a solution ("" or missing) has nothing to train on.
+                batch = batch.filter(pc.fill_null(pc.not_equal(solution, ""), False))
+                n = batch.num_rows
+                yield pa.RecordBatch.from_pydict(
+                    {"problem_id": batch.column("problem_id"), "problem": batch.column("problem"),
+                     "answer": batch.column("answer"), "trace": batch.column("solution"),
+                     "student": pa.array([student] * n, pa.string()),
+                     "stream": pa.array(["numina_subset"] * n, pa.string()),
+                     "sample_idx": pa.array([0] * n, pa.int64()),
+                     "num_tokens": pa.array([len(t.split()) for t in
+                                             batch.column("solution").to_pylist()], pa.int64()),
+                     "retention": pa.nulls(n, pa.int64())},
+                    schema=FINAL_SCHEMA,
+                )  # fmt: skip
+
+        stage.write_table("stream", rows(), schema=FINAL_SCHEMA)
+        kept = num_rows(stage.path("stream"))
+        stage.finish(row_counts={"stream": kept}, no_solution=seen["problems"] - kept)
     return stage.dir
+
+
+def problem_ids(path: Path) -> set[str]:
+    """The `problem_id` column of a table, read alone (bookkeeping, no text)."""
+    return set(read_parquet(path, ["problem_id"]).column("problem_id").to_pylist())
+
+
+def final_table(stream_path: Path, common: set[str]) -> pa.Table:
+    """One built stream in the final schema, cut to the ids `common`, sorted by problem."""
+    t = read_parquet(stream_path)
+    if "retention" not in t.column_names:
+        t = t.append_column("retention", pa.nulls(t.num_rows, pa.int64()))
+    t = t.select(FINAL_SCHEMA.names).cast(FINAL_SCHEMA)
+    return cut(t, common)
+
+
+def cut(table: pa.Table, ids: set[str]) -> pa.Table:
+    """The rows of `table` whose problem_id is in `ids`, sorted by problem_id (in Arrow)."""
+    value_set = pa.array(sorted(ids), pa.string())
+    return table.filter(pc.is_in(table.column("problem_id"), value_set=value_set)).sort_by(
+        "problem_id"
+    )
 
 
 def cut_to_common_ids(cfg: ExperimentConfig, run: RunDir, student: str, force: bool) -> Path:
     """`streams/<student>/final/<stream>.parquet`: every stream on the same problem ids; the
     selection streams (`qup_ray.selection`) are chosen here, from the cut's traces and the
-    student's own correct samples."""
+    student's own correct samples. The common ids come from the id columns alone; each stream
+    is then read, cut and written one at a time."""
     streams = cfg.stream_names()
     built = [s for s in streams if s not in SELECTION_STREAMS]
     selected = [s for s in streams if s in SELECTION_STREAMS]
@@ -244,24 +297,18 @@ def cut_to_common_ids(cfg: ExperimentConfig, run: RunDir, student: str, force: b
     if stage.is_done():
         return stage.dir
     with stage.running():
-        problem_set = {
-            p["problem_id"]
-            for p in read_parquet(run.root / "problem_set" / "problem_set.parquet").to_pylist()
-        }
-        tables = {s: read_parquet(d / "stream.parquet") for s, d in zip(built, dirs, strict=True)}
-        ids = {s: set(t.column("problem_id").to_pylist()) for s, t in tables.items()}
+        problem_set = problem_ids(run.root / "problem_set" / "problem_set.parquet")
+        paths = {s: d / "stream.parquet" for s, d in zip(built, dirs, strict=True)}
+        ids = {s: problem_ids(p) for s, p in paths.items()}
         common = problem_set.intersection(*ids.values())
         missing = {s: len(problem_set - ids[s]) for s in built}
-        for s, t in tables.items():
-            if "retention" not in t.column_names:
-                t = t.append_column("retention", pa.array([None] * t.num_rows, pa.int64()))
-            t = t.select(FINAL_SCHEMA.names).cast(FINAL_SCHEMA)
-            keep = pa.array([pid in common for pid in t.column("problem_id").to_pylist()])
-            tables[s] = t.filter(keep).sort_by("problem_id")
         selection: dict = {}
+        chosen_tables: dict[str, pa.Table] = {}
         if selected:
+            tables = {s: final_table(p, common) for s, p in paths.items()}
             with stage.timed("selection"):
                 chosen, selection = select_streams(cfg, run, student, selected, tables, common)
+            del tables
             for s, rows in chosen.items():
                 missing[s] = len(problem_set - {r["problem_id"] for r in rows})
             # A problem none of whose candidates is eligible (all over an engine's context)
@@ -269,12 +316,12 @@ def cut_to_common_ids(cfg: ExperimentConfig, run: RunDir, student: str, force: b
             common = common.intersection(
                 *({r["problem_id"] for r in rows} for rows in chosen.values())
             )
-            for s, rows in chosen.items():
-                tables[s] = pa.Table.from_pylist(rows, schema=SELECTED_SCHEMA)
+            chosen_tables = {s: pa.Table.from_pylist(rows, schema=SELECTED_SCHEMA)
+                             for s, rows in chosen.items()}  # fmt: skip
         for s in streams:
-            t = tables[s]
-            keep = pa.array([pid in common for pid in t.column("problem_id").to_pylist()])
-            stage.write_table(s, t.filter(keep).sort_by("problem_id"))
+            table = cut(chosen_tables[s], common) if s in chosen_tables else final_table(
+                paths[s], common)  # fmt: skip
+            stage.write_table(s, table)
         stage.finish(
             row_counts={s: len(common) for s in streams},
             counts={"problem_set": len(problem_set), "common": len(common),
@@ -296,12 +343,22 @@ def select_streams(cfg: ExperimentConfig, run: RunDir, student: str, names: list
     scored through the score cache (the score stage later finds these scores there)."""
     from qup_ray.ray_session import init_ray
 
-    problems = {
-        p["problem_id"]: p
-        for p in read_parquet(run.root / "problem_set" / "problem_set.parquet").to_pylist()
-    }
-    rollouts = read_parquet(run.root / "rollouts" / student / "rollouts.parquet").to_pylist()
-    own, _ = rft_candidates(rollouts, set(problems), cfg.rollouts.rft)
+    set_table = read_parquet(run.root / "problem_set" / "problem_set.parquet",
+                             ["problem_id", "problem", "answer"])  # fmt: skip
+    problems = {p["problem_id"]: p for p in cut(set_table, common).to_pylist()}
+    # The pool is the student's correct samples of the problem set (what rft_candidates
+    # judges); the rest of the rollouts never reach Python.
+    correct = [
+        b.filter(pc.and_(pc.equal(b.column("correct"), True),
+                         pc.is_in(b.column("problem_id"), value_set=set_table.column("problem_id"))))
+        for b in iter_batches(run.root / "rollouts" / student / "rollouts.parquet")
+    ]  # fmt: skip
+    own, _ = rft_candidates(
+        (row for b in correct for row in b.to_pylist()),
+        set(set_table.column("problem_id").to_pylist()), cfg.rollouts.rft,
+        lengths=[n for b in correct for n in b.column("num_tokens").to_pylist()],
+    )  # fmt: skip
+    del correct
     pool = [
         {"problem_id": pid, "problem": problems[pid]["problem"], "answer": problems[pid]["answer"],
          "trace": r["response"], "source": OWN_SAMPLES, "correct": True,
@@ -314,7 +371,10 @@ def select_streams(cfg: ExperimentConfig, run: RunDir, student: str, names: list
         generated = run.root / "streams" / student / stream / "generated.parquet"
         # Oracle streams keep wrong answers only under keep_wrong_oracle_answers: ask the grades.
         grades = (
-            {g["problem_id"]: g["correct"] for g in read_parquet(generated).to_pylist()}
+            {
+                g["problem_id"]: g["correct"]
+                for g in read_parquet(generated, ["problem_id", "correct"]).to_pylist()
+            }
             if generated.is_file()
             else {}
         )
@@ -359,8 +419,12 @@ def select_streams(cfg: ExperimentConfig, run: RunDir, student: str, names: list
 
 
 def run_student(cfg: ExperimentConfig, run: RunDir, student: str, force: bool) -> None:
-    problem_set = read_parquet(run.root / "problem_set" / "problem_set.parquet").to_pylist()
-    rft = read_parquet(run.root / "streams" / student / "slm_rft" / "stream.parquet").to_pylist()
+    # The oracle requests of a stream are sent in one call (one endpoint or engine start), so
+    # its items are held: the columns the prompts need, one copy.
+    problem_set = read_parquet(run.root / "problem_set" / "problem_set.parquet",
+                               ["problem_id", "problem", "answer"]).to_pylist()  # fmt: skip
+    rft = read_parquet(run.root / "streams" / student / "slm_rft" / "stream.parquet",
+                       ["problem_id", "problem", "answer", "trace"]).to_pylist()  # fmt: skip
     traces = [r["trace"] for r in rft]
     enabled = set(cfg.streams.enabled)
     if "oracle_refined" in enabled:
@@ -374,7 +438,7 @@ def run_student(cfg: ExperimentConfig, run: RunDir, student: str, force: bool) -
                       [synthesize_messages(p["problem"]) for p in problem_set], "synthesize",
                       [own.get(p["problem_id"]) for p in problem_set], force)  # fmt: skip
     if "numina_subset" in enabled:
-        numina_stream(run, student, problem_set, force)
+        numina_stream(run, student, force)
     if "style_aligned" in enabled:
         rng = random.Random(cfg.seed)
         k = min(cfg.streams.num_style_exemplars, max(len(rft) - 1, 0))

@@ -3,7 +3,7 @@
     qup run train -c configs/paper.yaml
     run_stage("train", cfg, cells=["qwen/slm_rft/dft"])     # one cell (a SLURM grid job)
 
-One cell per student x stream x objective x variant (`rundir.train_cell_settings`), written to
+One cell per student x stream x objective x variant x seed (`rundir.train_cell_settings`), in
 `train/<student>/<stream>/<cell>/`:
 - `model/`: the trained student as a Hugging Face folder (safetensors, tokenizer with its chat
   template, generation config) that vLLM and transformers load;
@@ -35,13 +35,13 @@ from qup_ray import faults
 from qup_ray.config import REPO_ROOT, ExperimentConfig
 from qup_ray.models import resolve_model
 from qup_ray.rundir import RunDir, Stage, StageError, read_json, train_cell_settings, train_streams
-from qup_ray.training.loop import CellSpec, train_loop_per_worker
+from qup_ray.training.loop import CANNOT_TRAIN, CellSpec, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
 
 # Fields that change how fast training runs or where files go, never its result.
 _NOT_HASHED = {"checkpoint_every_steps", "checkpoint_dir", "tensorboard", "cpus_per_worker",
-               "gpus_per_worker", "streams", "objectives", "robustness", "max_failures"}  # fmt: skip
+               "gpus_per_worker", "streams", "objectives", "robustness", "seeds", "max_failures"}  # fmt: skip
 
 
 class TrainingInterrupted(StageError):
@@ -58,12 +58,16 @@ def deepspeed_template(cfg: ExperimentConfig) -> dict:
 
 def cell_config_hash(cfg: ExperimentConfig, student: str, settings: dict, ds: dict) -> str:
     """What decides a cell's weights: the training section (minus throughput and file-location
-    knobs), the cell's objective/lr/batch, the student and the DeepSpeed JSON."""
+    knobs and the grid's shape), the cell's objective/lr/batch and seed, the student and the
+    DeepSpeed JSON. The cell's seed stands in for `training.seed`, so a one-seed run hashes as
+    it did before `training.seeds` existed."""
     from qup_ray.rundir import stable_hash
 
     training = {
         k: v for k, v in cfg.training.model_dump(mode="json").items() if k not in _NOT_HASHED
     }
+    training["seed"] = settings["seed"]
+    settings = {k: v for k, v in settings.items() if k != "seed"}
     model = cfg.students[student].model_dump(mode="json", exclude={"engine"})
     world = cfg.cpu_world.model_dump(mode="json", exclude={"cache_dir"})
     world = world if model["path"].startswith("cpu-world:") else None
@@ -107,7 +111,8 @@ def plan_cells(
             model_path=_local(resolve_model(model.path, cfg)),
             prompt=model.prompt, stream_path=str((final / f"{stream}.parquet").resolve()),
             objective=settings[cell]["objective"], learning_rate=settings[cell]["learning_rate"],
-            global_batch_size=settings[cell]["global_batch_size"], config_hash=config_hash,
+            global_batch_size=settings[cell]["global_batch_size"], seed=settings[cell]["seed"],
+            config_hash=config_hash,
         )  # fmt: skip
         pending.append((stage, spec))
     for stage, cell_id in pending_manifests:
@@ -209,14 +214,24 @@ def run(cfg: ExperimentConfig, *, force: bool = False, cells: list[str] | None =
             # clears stale outputs (not checkpoints, unless --force); records a failure
             stack.enter_context(stage.running())
             Path(spec.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+            (Path(spec.cell_dir) / CANNOT_TRAIN).unlink(missing_ok=True)
         seen = stack.enter_context(stop_on_signals(stop_file))
         trainer_for(cfg, loop_config, out / "_ray").fit()
     restarts = max(0, len(list(Path(loop_config["events_dir"]).glob("start-*"))) - 1)
-    finished = 0
+    finished, cannot = 0, []
     for stage, spec in pending:
         if (Path(spec.cell_dir) / "_train_summary.json").is_file():
             _finish_cell(cfg, stage, spec.cell_id, spec.checkpoint_dir, restarts)
             finished += 1
+        elif (Path(spec.cell_dir) / CANNOT_TRAIN).is_file():
+            cannot.append(
+                f"{spec.cell_id}: {read_json(Path(spec.cell_dir) / CANNOT_TRAIN)['reason']}"
+            )
+    if cannot:
+        raise StageError(
+            f"{len(cannot)} of {len(pending)} cells cannot train ({finished} trained):\n  "
+            + "\n  ".join(cannot)
+        )
     if finished < len(pending):
         raise TrainingInterrupted(
             f"training stopped by {seen['signal'] or 'a stop request'} after {finished} of "
@@ -241,6 +256,7 @@ def _finish_cell(
         row_counts={k: summary[k] for k in ("rows", "examples", "truncated", "dropped_too_long",
                                              "dropped_tail", "steps")},
         cell=cell_id, objective=objective,
+        seed=train_cell_settings(cfg)[cell_id.split("/")[2]]["seed"],
         loss_normalization=cfg.training.loss_normalization, training=summary,
         faults={"worker_restarts": worker_restarts},
     )  # fmt: skip

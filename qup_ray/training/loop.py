@@ -62,6 +62,8 @@ class CellSpec:
     objective: str
     learning_rate: float
     global_batch_size: int
+    seed: int
+    """Training seed of the cell (`training.seeds`): data order and torch's RNG."""
     config_hash: str
 
 
@@ -104,6 +106,10 @@ def _set_worker_env(cache_dir: str, use_gpu: bool) -> None:
     # DeepSpeed's CPU op is compiled once (40-65 s) and cached here, shared by every run.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(cache_dir) / "torch_extensions"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+CANNOT_TRAIN = "_cannot_train.json"
+"""Written into a cell's folder by a cell whose stream makes no full global batch."""
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -175,17 +181,22 @@ def train_cell(spec: CellSpec, config: dict, rank: int, world_size: int) -> str:
         micro_batch_size=training["micro_batch_size_per_worker"],
         world_size=world_size,
         num_epochs=training["num_epochs"],
-        seed=training["seed"],
+        seed=spec.seed,
     )
-    if len(plan) == 0:
-        raise ValueError(
-            f"{spec.cell_id}: {len(examples)} examples make no full global batch of "
-            f"{spec.global_batch_size}"
-        )
+    if len(plan) == 0:  # a user's sizing, not a fault: no retry, the other cells go on
+        if rank == 0:
+            per_step = training["micro_batch_size_per_worker"] * world_size
+            reason = (
+                f"{len(examples)} examples make no training step (one takes at least "
+                f"micro_batch_size_per_worker x workers = {per_step}): use more problems"
+            )
+            Path(spec.cell_dir).mkdir(parents=True, exist_ok=True)
+            (Path(spec.cell_dir) / CANNOT_TRAIN).write_text(json.dumps({"reason": reason}))
+        return "cannot_train"
     tokenizer = fmt.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fmt.turn_end_ids[0]
 
-    torch.manual_seed(training["seed"])
+    torch.manual_seed(spec.seed)
     dtype = torch.bfloat16 if use_gpu else torch.float32
     model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype)
     if training["gradient_checkpointing"]:
