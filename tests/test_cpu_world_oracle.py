@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 import time
@@ -13,9 +14,16 @@ import openai
 import pytest
 
 from qup_ray.cpu_world.boxed import is_correct
-from qup_ray.cpu_world.oracle_rules import classify_request, judge_score, strip_answer
+from qup_ray.cpu_world.oracle_rules import (
+    classify_request,
+    judge_score,
+    quoted_trace,
+    repair_trace,
+    strip_answer,
+)
 from qup_ray.cpu_world.oracle_server import FaultConfig
-from qup_ray.cpu_world.synthetic import sample_problems
+from qup_ray.cpu_world.students import corrupt_one_digit
+from qup_ray.cpu_world.synthetic import latex_results, sample_problems
 
 PROBLEMS = sample_problems(50, seed=21)
 REFINE = "Problem:\n{problem}\n\nStudent solution:\n{trace}\n\nRepair any mistake in the solution."
@@ -43,17 +51,46 @@ def test_synthesis_is_correct_compact_and_reports_usage(rule_oracle):
         assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
 
-def test_refinement_is_compact_and_style_aligned_refinement_is_native(rule_oracle):
+def test_refinement_repairs_the_students_trace_and_style_aligned_keeps_its_style(rule_oracle):
     client = _client(rule_oracle)
     for p in PROBLEMS[:10]:
-        wrong = p.native.replace(f"\\boxed{{{p.answer}}}", "\\boxed{0}")
+        steps = p.native.splitlines()
+        # A wrong number in the first step and a wrong final answer.
+        first = corrupt_one_digit(steps[0], random.Random(len(steps[0])))
+        wrong = "\n".join([first, *steps[1:-1], "Therefore, the answer is \\boxed{0}."])
         user = {"role": "user", "content": REFINE.format(problem=p.problem, trace=wrong)}
         refined = _ask(client, [user]).choices[0].message.content
-        assert refined == p.compact and is_correct(refined, p.answer)
+        assert is_correct(refined, p.answer) and refined != p.compact
+        # Minimal repair: the student's steps in order, the wrong number fixed, the result of
+        # each step compacted into symbols, the conclusion the student's with the right answer.
+        assert refined == repair_trace(p.native, p, compact=True) == latex_results(p.native)
+        assert len(refined.splitlines()) == len(steps)
+        assert refined.splitlines()[-1] == steps[-1]
+        assert refined.count("\\(") > p.native.count("\\(")
         aligned = _ask(client, [{"role": "system", "content": STYLE_ALIGNED_SYSTEM}, user])
         assert aligned.choices[0].message.content == p.native
         marked = _ask(client, [{"role": "user", "content": "[style-aligned] " + user["content"]}])
         assert marked.choices[0].message.content == p.native
+    assert {"refine", "style_aligned"} <= set(rule_oracle.kind_counts)
+
+
+def test_repair_keeps_correct_steps_and_adds_missing_ones():
+    p = next(p for p in PROBLEMS if len(p.native.splitlines()) >= 3)
+    steps = p.native.splitlines()
+    assert repair_trace(p.native, p, compact=False) == p.native
+    # A missing step is put back, steps after the conclusion's place are dropped.
+    assert repair_trace("\n".join([steps[0], steps[-1]]), p, compact=False) == p.native
+    extra = "\n".join([*steps[:-1], "Then, we add 1 and 1 to get 2.", steps[-1]])
+    assert repair_trace(extra, p, compact=False) == p.native
+    # Wording of a step with the right numbers is the student's own.
+    reworded = "\n".join([steps[0].replace("First, we", "We first"), *steps[1:]])
+    assert repair_trace(reworded, p, compact=False).splitlines()[0].startswith("We first")
+    # A trace in the compact style is repaired against the compact solution: kept when right.
+    assert repair_trace(p.compact, p, compact=True) == p.compact
+    wrong = p.compact.replace(f"{{{p.answer}}}", "{0}" if p.answer != "0" else "{1}")
+    assert repair_trace(wrong, p, compact=True) == p.compact
+    # A trace with its results already in inline LaTeX keeps them.
+    assert repair_trace(latex_results(p.native), p, compact=True) == repair_trace(p.native, p, True)
 
 
 def test_retention_judge_scores_style_preserving_rewrites_higher(rule_oracle):
@@ -107,6 +144,10 @@ def test_request_kinds_are_recognised():
         == "judge"
     )
     assert classify_request([{"role": "user", "content": "hello"}]) == "unrecognised"
+    refine = REFINE.format(problem=p.problem, trace=p.native)
+    assert classify_request([{"role": "user", "content": refine}]) == "refine"
+    assert quoted_trace([{"role": "user", "content": refine}]) == p.native
+    assert quoted_trace([{"role": "user", "content": p.problem}]) is None
     assert "\\boxed" not in strip_answer(p.compact)
 
 

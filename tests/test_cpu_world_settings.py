@@ -30,6 +30,8 @@ def test_unknown_keys_and_bad_shapes_are_rejected():
         TinyLMSettings(train_steps=10, max_train_steps=5)
     with pytest.raises(ValidationError, match="max_train_steps"):
         WarmStartSettings(train_steps=10, max_train_steps=5)
+    with pytest.raises(ValidationError, match="compact_text_rate \\+ reference_text_rate"):
+        CpuWorldSettings(compact_text_rate=0.6, reference_text_rate=0.2, compact_chat_rate=0.2)
     # Round trip through a plain dict, as the experiment config embeds it.
     settings = CpuWorldSettings(
         qwen2={"hidden_size": 192, "num_attention_heads": 6, "num_key_value_heads": 3}
@@ -45,6 +47,10 @@ def test_hash_covers_the_settings_but_not_the_cache_location(tmp_path):
     assert world_hash(base) != world_hash(CpuWorldSettings(llama=TinyLMSettings(seed=9)))
     assert world_hash(base) != world_hash(CpuWorldSettings(deepseek=WarmStartSettings(seed=9)))
     assert world_hash(base) != world_hash(CpuWorldSettings(next_turn_rate=0.5))
+    assert world_hash(base) != world_hash(CpuWorldSettings(compact_text_rate=0.0))
+    assert world_hash(base) != world_hash(CpuWorldSettings(reference_text_rate=0.0))
+    assert world_hash(base) != world_hash(CpuWorldSettings(compact_chat_rate=0.0))
+    assert world_hash(base) != world_hash(CpuWorldSettings(latex_chat_rate=0.0))
     assert world_dir(CpuWorldSettings(cache_dir=str(tmp_path))).parent == tmp_path / "cpu_world"
 
 

@@ -4,9 +4,14 @@ test_cpu_world_build.py)."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from transformers import AutoTokenizer
 
+from qup_ray.cpu_world.settings import CpuWorldSettings
+from qup_ray.cpu_world.students import _encode_examples
+from qup_ray.cpu_world.synthetic import latex_results, sample_problems
 from qup_ray.cpu_world.tokenizer import (
     COT_INSTRUCTION,
     LAYOUTS,
@@ -126,3 +131,41 @@ def test_deepseek_template_keeps_only_the_answer_after_think(tokenizers):
     chat = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "r</think>A"}]
     text = tokenizers["deepseek"].apply_chat_template(chat, tokenize=False)
     assert text.endswith("<｜Assistant｜>A<｜end▁of▁sentence｜>")
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_training_mix_holds_the_other_styles_in_chats_and_documents(tokenizers, name):
+    """Most training sequences are chats answered in the native style; the shares of chats
+    answered in the compact style or with LaTeX results, and of plain documents, follow the
+    settings. A document is the problem then a compact or reference solution, closed by the
+    EOS, with the loss on the solution only."""
+    layout, tokenizer = LAYOUTS[name], tokenizers[name]
+    settings = CpuWorldSettings()
+    problems = sample_problems(1000, seed=5)
+    examples = _encode_examples(problems, tokenizer, layout, settings, random.Random(0))
+    counts = dict.fromkeys(["compact document", "reference document", "compact chat"], 0)
+    counts |= {"latex chat": 0, "native chat": 0, "noisy chat": 0}
+    bos = layout.bos_token or ""
+    for e in examples:
+        prompt = tokenizer.decode(e.input_ids[: e.num_prompt_tokens])
+        solution = tokenizer.decode(e.input_ids[e.num_prompt_tokens :])
+        document = next((p for p in problems if prompt == f"{bos}{p.problem}\n"), None)
+        if document is not None:
+            assert layout.turn_end not in solution or layout.turn_end == layout.eos_token
+            style = "compact" if solution.startswith(document.compact) else "reference"
+            assert solution == document.render(style) + layout.eos_token
+            counts[f"{style} document"] += 1
+            continue
+        p = next(p for p in problems if p.problem in prompt)
+        response = solution[: solution.index(layout.turn_end)]
+        kinds = {p.compact: "compact", latex_results(p.native): "latex", p.native: "native"}
+        counts[f"{kinds.get(response, 'noisy')} chat"] += 1
+    n = len(examples)
+    for key, rate in [
+        ("compact document", settings.compact_text_rate),
+        ("reference document", settings.reference_text_rate),
+        ("compact chat", settings.compact_chat_rate),
+        ("latex chat", settings.latex_chat_rate),
+    ]:
+        assert abs(counts[key] / n - rate) < 0.03, (key, counts)
+    assert counts["native chat"] > n / 2 and 0 < counts["noisy chat"] < 0.1 * n

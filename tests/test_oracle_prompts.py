@@ -9,7 +9,12 @@ import yaml
 
 from qup_ray.config import CONFIGS_DIR
 from qup_ray.cpu_world import solve_problem_text
-from qup_ray.cpu_world.oracle_rules import classify_request, judge_score, oracle_reply
+from qup_ray.cpu_world.oracle_rules import (
+    classify_request,
+    judge_score,
+    oracle_reply,
+    repair_trace,
+)
 from qup_ray.oracle.prompts import (
     check_boxed_answer,
     check_retention_score,
@@ -48,14 +53,17 @@ def test_prompt_file_has_exactly_its_placeholders(name: str):
     assert ("\\boxed{}" in rendered) == (name != "retention_judge")
 
 
-def test_synthesize_and_refine_are_solve_requests_in_compact_style():
+def test_synthesize_solves_in_compact_style_and_refine_repairs_the_trace():
     native = solved().native
     for messages in (synthesize_messages(PROBLEM), refine_messages(PROBLEM, native)):
         assert messages[0]["role"] == "system" and messages[-1]["role"] == "user"
         assert PROBLEM in messages[-1]["content"]
-        assert classify_request(messages) == "solve"
-        assert oracle_reply(messages) == ("solve", solved().compact)
-    assert native in refine_messages(PROBLEM, native)[-1]["content"]
+    assert oracle_reply(synthesize_messages(PROBLEM)) == ("solve", solved().compact)
+    refine = refine_messages(PROBLEM, native)
+    assert native in refine[-1]["content"]
+    # The rule oracle finds the quoted trace and repairs it (compacting part of its wording).
+    assert classify_request(refine) == "refine"
+    assert oracle_reply(refine) == ("refine", repair_trace(native, solved(), compact=True))
 
 
 def test_style_align_keeps_the_students_style():

@@ -104,6 +104,23 @@ class CpuWorldSettings(BaseModel):
     """Held-out problems of the build-time pass@8 check."""
     noise_rate: float = Field(0.05, ge=0, le=1)
     """Fraction of training targets with one digit changed, so students also learn mistakes."""
+    compact_text_rate: float = Field(0.14, ge=0, le=1)
+    """Fraction of training sequences that are plain documents (no chat template): a problem
+    and its solution in the oracle's ``compact`` style, as a base model's pre-training corpus
+    holds dense symbolic text besides its native one, so that the oracle's text costs the
+    student a modest factor of its own perplexity as in the paper, not orders of magnitude
+    (the calibration targets are in ``docs/cpu-paradox.md``)."""
+    reference_text_rate: float = Field(0.1, ge=0, le=1)
+    """Fraction of training sequences that are plain documents with a ``reference``-style
+    (textbook, NuminaMath-like) solution."""
+    compact_chat_rate: float = Field(0.06, ge=0, le=1)
+    """Fraction of training sequences that are chats answered in the ``compact`` style: a
+    minority of the student's own answers, so the style is familiar in the context where the
+    streams are scored (the chat), not only as documents."""
+    latex_chat_rate: float = Field(0.05, ge=0, le=1)
+    """Fraction of training sequences that are chats answered in the native style with each
+    step's result written as inline LaTeX (``synthetic.latex_results``), the mixed prose and
+    LaTeX of real math text. The rest of the sequences are chats answered in the native style."""
     next_turn_rate: float = Field(0.75, ge=0, le=1)
     """Fraction of training sequences that go on past the turn end into another user turn (the
     rest end with the EOS), as a base model's data does: sampled without the family's stop
@@ -121,6 +138,21 @@ class CpuWorldSettings(BaseModel):
     weights trained further on the DeepSeek chat template."""
     reward_fit_steps: int = Field(300, ge=0)
     """Steps fitting each reward head to prefer correct, compact traces (0: random heads)."""
+
+    @model_validator(mode="after")
+    def _check_rates(self) -> CpuWorldSettings:
+        rates = (
+            self.compact_text_rate,
+            self.reference_text_rate,
+            self.compact_chat_rate,
+            self.latex_chat_rate,
+        )
+        if sum(rates) >= 1:
+            raise ValueError(
+                "compact_text_rate + reference_text_rate + compact_chat_rate + latex_chat_rate"
+                " must stay below 1 (the rest are native chats)"
+            )
+        return self
 
     def cache_root(self) -> Path:
         """The resolved cache root directory."""

@@ -2,11 +2,14 @@
 
 A student is trained on native-style solutions of synthetic problems, formatted through the chat
 template of its family's tokenizer layout (``tokenizer.LAYOUTS``), with a little target noise (one
-digit changed), until sampling at T=1.0 (stopping on the turn-end token) solves part of held-out
-problems in at least one of 8 tries. Like a real base model, a student has also seen text go on
-past the turn end, so without the family's stop tokens it writes an invented next turn. The result
-is a normal transformers checkpoint (float32 safetensors, config, generation config, tokenizer)
-that vLLM loads as well.
+digit changed), on a minority of chats answered in the compact style or with the steps' results in
+inline LaTeX, and on a share of plain documents with compact and reference-style solutions (the
+rest of a base model's pre-training text; see ``CpuWorldSettings.compact_text_rate``), until
+sampling at T=1.0 (stopping on the turn-end token) solves part of held-out problems in at least
+one of 8 tries. Like a real base model, a student has also seen text go on past the turn end, so
+without the family's stop tokens it writes an invented next turn. The result is a normal
+transformers checkpoint (float32 safetensors, config, generation config, tokenizer) that vLLM
+loads as well.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from transformers import (
 
 from qup_ray.cpu_world.boxed import is_correct, last_boxed
 from qup_ray.cpu_world.settings import CpuWorldSettings, TinyLMSettings, WarmStartSettings
-from qup_ray.cpu_world.synthetic import FAMILIES, SolvedProblem, sample_problems
+from qup_ray.cpu_world.synthetic import FAMILIES, SolvedProblem, latex_results, sample_problems
 from qup_ray.cpu_world.tokenizer import COT_INSTRUCTION, Layout, token_ids
 
 logger = logging.getLogger(__name__)
@@ -137,19 +140,38 @@ def _encode_examples(
     settings: CpuWorldSettings,
     rng: random.Random,
 ) -> list[_Example]:
-    """Training sequences: prompt, response, turn end, then what a base model's data has next.
+    """Training sequences: mostly chats (prompt, response, turn end, then what a base model's
+    data has next), with a share of plain documents in the other styles.
 
-    Like a real base model's data, a sequence goes on past the turn end: mostly into another
+    A chat's response is the native solution, or for a minority (``compact_chat_rate``,
+    ``latex_chat_rate``) the compact one or the native one with its results in inline LaTeX.
+
+    Like a real base model's data, a chat goes on past the turn end: mostly into another
     user turn and the next generation prompt (so a student sampled without the family's stop
     tokens runs on into an invented next turn), otherwise into the EOS where it differs.
+    A document is the problem, a newline and its compact or reference solution, then the EOS
+    (after the BOS where the family has one): text the student has read but does not answer in.
     """
     turn_end = tokenizer.convert_tokens_to_ids(layout.turn_end)
-    texts, examples = [], []
+    texts, examples, ends = [], [], []
     for p in problems:
+        draw = rng.random()
+        if draw < settings.compact_text_rate + settings.reference_text_rate:
+            style = "compact" if draw < settings.compact_text_rate else "reference"
+            texts += [f"{layout.bos_token or ''}{p.problem}\n", p.render(style), layout.eos_token]
+            ends.append([])  # the EOS closes a document, not the turn end
+            continue
+        draw -= settings.compact_text_rate + settings.reference_text_rate
+        if draw < settings.compact_chat_rate:
+            response = p.compact
+        elif draw < settings.compact_chat_rate + settings.latex_chat_rate:
+            response = latex_results(p.native)
+        else:
+            response = p.native
         form = rng.randrange(3)
         messages = prompt_messages(p.problem, form)
         noisy = rng.random() < settings.noise_rate
-        target = corrupt_one_digit(p.native, rng) if noisy else p.native
+        target = corrupt_one_digit(response, rng) if noisy else response
         if rng.random() < settings.next_turn_rate:
             following = prompt_messages(rng.choice(problems).problem, form)[-1]["content"]
             after = next_turn_text(tokenizer, layout, messages, target, following)
@@ -157,10 +179,11 @@ def _encode_examples(
             after = layout.eos_token if layout.eos_token != layout.turn_end else ""
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         texts += [prompt, target, after]
+        ends.append([turn_end])
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    for i in range(0, len(ids), 3):
+    for i, end in zip(range(0, len(ids), 3), ends, strict=True):
         prompt_ids, target_ids, after_ids = ids[i : i + 3]
-        examples.append(_Example([*prompt_ids, *target_ids, turn_end, *after_ids], len(prompt_ids)))
+        examples.append(_Example([*prompt_ids, *target_ids, *end, *after_ids], len(prompt_ids)))
     return examples
 
 

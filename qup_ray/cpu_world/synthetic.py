@@ -17,6 +17,10 @@ Every problem renders its solution in three styles, all correct and all ending i
 - ``reference``: a textbook paragraph with ``$...$`` math, used as the rows' ``solution`` field
   (the stand-in for NuminaMath's own chain of thought).
 
+``latex_results`` rewrites a native solution's step results as inline LaTeX (``to get
+\\(2x=10\\)``): the mixed prose-and-LaTeX text of real math writing, which the students read as a
+minority of their chat answers and the rule oracle's refinement writes.
+
 ``solve_problem_text`` recovers a problem's family and numbers from its text alone, so the rule
 oracle can answer any request that quotes a synthetic problem.
 """
@@ -103,6 +107,24 @@ def _finish(native: list[str], compact: list[str], reference: str, answer: str) 
     compact_text = "\n".join([*compact, f"\\(\\therefore \\boxed{{{answer}}}\\)"])
     reference_text = f"{reference} The answer is $\\boxed{{{answer}}}$."
     return native_text, compact_text, reference_text
+
+
+# A step's result at the end of its line: "... to get 2x = 10." or "So x = 5."
+_RESULT_RE = re.compile(r"^(?P<head>.*?\b(?:to get|So)) (?P<math>[^a-wz].*?)\.$")
+
+
+def latex_result(step: str) -> str:
+    """``... to get 2x = 10.`` -> ``... to get \\(2x=10\\).`` (other lines unchanged)."""
+    m = _RESULT_RE.match(step)
+    if m is None or "\\(" in step:
+        return step
+    parts = [f"\\({part.replace(' ', '')}\\)" for part in m["math"].split(" and ")]
+    return f"{m['head']} {' and '.join(parts)}."
+
+
+def latex_results(solution: str) -> str:
+    """``solution`` with each step's result written as inline LaTeX (``latex_result``)."""
+    return "\n".join(latex_result(line) for line in solution.splitlines())
 
 
 # ---------------------------------------------------------------- arith
