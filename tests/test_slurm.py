@@ -238,8 +238,9 @@ def test_grid_of_train_and_eval_cells(slurm_cluster, cpu_world, direct_run: Path
         "training.objectives=[sft]", "evaluation.max_problems_per_benchmark=8",
         "evaluation.shard_size=4"])  # fmt: skip
     run = tmp_path / "dryrun"
-    for stage in ("problems", "rollouts"):
-        shutil.copytree(direct_run / stage, run / stage)
+    # The rollouts stage's outputs: its rollouts, the problem set and the slm_rft stream.
+    for output in ("problems", "rollouts", "problem_set", "streams/tiny-qwen/slm_rft"):
+        shutil.copytree(direct_run / output, run / output)
     stages = ["problems", "rollouts", "streams", "train", "eval"]
     result = launch(cfg, cluster_config(timeout_min=60), stages=stages, cells=cells)
     assert [j.stage for j in result.plan.jobs if j.done] == ["problems", "rollouts"]
