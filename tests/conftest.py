@@ -53,3 +53,20 @@ def layout_tokenizer_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str,
         save_tokenizer(as_layout(bpe, layout), path)
         out[name] = str(path)
     return out
+
+
+@pytest.fixture(scope="session")
+def unbroken_train_cell(tmp_path_factory: pytest.TempPathFactory, cpu_world) -> tuple[dict, list]:
+    """The one-cell training run of `train_cell`, unbroken: (exported weights, metrics rows), the
+    reference of the kill-and-resume tests of test_train_stage and test_faults (one run for both)."""
+    from train_cell import NUM_STEPS, cell_dir, one_cell_config, start, weights
+
+    from qup_ray.rundir import read_parquet
+
+    config = one_cell_config(tmp_path_factory.mktemp("unbroken-train"), "run")
+    proc = start(config)
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err
+    metrics = read_parquet(cell_dir(config) / "metrics.parquet").to_pylist()
+    assert len(metrics) == NUM_STEPS
+    return weights(cell_dir(config)), metrics

@@ -4,6 +4,7 @@ executor to a report that pools training seeds."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,11 +19,16 @@ from qup_ray.rundir import RunDir, eval_cells, train_cells
 CONFIG = CONFIGS_DIR / "cpu_paper.yaml"
 LOCAL = CONFIGS_DIR / "clusters" / "local.yaml"
 
-# A few dozen problems (a handful reach every stream), two seeds, one objective, three streams, a small benchmark: every stage
-# of the config runs, on the grid's code path, in a few minutes.
+# A few dozen problems (a handful reach every stream), two seeds, one objective, three streams, one
+# student and one reward model, a small benchmark: every stage of the config runs, on the grid's
+# code path, in a few minutes. (The second student and reward model would only repeat the same
+# code path; the config test above checks that the full config has both.)
+_QWEN = load_config(CONFIG).students["tiny-qwen"].model_dump(mode="json")
 REDUCED = [
     "problems.num_problems=40",
     "rollouts.shard_size=20",
+    "students={tiny-qwen: " + json.dumps(_QWEN) + "}",
+    "scoring.reward_models=[tiny-qwen-rm]",
     "streams.enabled=[slm_rft,oracle_refined,style_aligned]",
     "training.objectives=[sft]",
     "training.seeds=[0,1]",
@@ -77,8 +83,11 @@ def test_cpu_paper_reduced_runs_through_the_grid_to_a_report_pooling_seeds(
     report = run_dir / "report"
     seeds = pd.read_csv(report / "seeds.csv")
     assert set(seeds["seed"]) == {0, 1}
-    # Each trained cell's own Total Avg is in seeds.csv, once per seed.
-    assert len(seeds) == 2 * 3 * 2, seeds
+    # Each trained cell's own Total Avg is in seeds.csv, once per seed: one student x three
+    # streams x two seeds.
+    assert list(cfg.students) == ["tiny-qwen"] and len(cfg.stream_names()) == 3
+    assert len(seeds) == 3 * 2, seeds
+    assert (seeds.groupby(["student", "stream", "objective"]).size() == 2).all(), seeds
     verdict = pd.read_csv(report / "verdict.csv")
     assert (
         len(verdict)

@@ -15,10 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train_stage import _cell, _one_cell_config, _start, _weights, unbroken  # noqa: F401
+from train_cell import NUM_STEPS, cell_dir, one_cell_config, start, weights
 
 from qup_ray import faults
-from qup_ray.bench.train import write_synthetic_streams
 from qup_ray.config import CONFIGS_DIR, load_config
 from qup_ray.engines import PoolEvents
 from qup_ray.rundir import MANIFEST, RunDir, read_json, read_parquet
@@ -249,29 +248,26 @@ def test_score_survives_a_killed_scoring_actor(tmp_path: Path, cpu_world, monkey
 
 @pytest.mark.slow
 def test_a_training_worker_killed_after_a_checkpoint_restarts_to_the_same_weights(
-    tmp_path: Path,
-    unbroken,  # noqa: F811 - the fixture of test_train_stage (an unbroken run of the same cell)
+    tmp_path: Path, unbroken_train_cell
 ):
     """Rank 1 of 2 dies (SIGKILL of itself) right after the checkpoint of step 3: Ray Train
     restarts the worker group, which resumes from that checkpoint; the exported weights and the
     metrics equal the unbroken run's."""
     import torch
 
-    want, want_metrics = unbroken
-    config = _one_cell_config(tmp_path, "run")
-    write_synthetic_streams(load_config(config).run_dir, ["tiny-qwen"], {"slm_rft": "native"},
-                            num_problems=48, seed=7)  # fmt: skip
+    want, want_metrics = unbroken_train_cell
+    config = one_cell_config(tmp_path, "run")
     assert load_config(config).training.num_workers == 2
     os.environ[faults.ENV] = "train:rank=1:after_steps=3"
     try:
-        proc = _start(config)
+        proc = start(config)
     finally:
         del os.environ[faults.ENV]
     _, err = proc.communicate(timeout=1200)
     assert proc.returncode == 0, err[-5000:]
     assert "fault injection: train:rank=1:after_steps=3" in err
-    cell = _cell(config)
-    got = _weights(cell)
+    cell = cell_dir(config)
+    got = weights(cell)
     assert got.keys() == want.keys()
     for name in want:
         assert torch.equal(got[name], want[name]), name
@@ -279,5 +275,5 @@ def test_a_training_worker_killed_after_a_checkpoint_restarts_to_the_same_weight
     assert m["faults"] == {"worker_restarts": 1}
     assert m["training"]["resumed_from_step"] == 3
     metrics = read_parquet(cell / "metrics.parquet").to_pylist()
-    assert [r["step"] for r in metrics] == list(range(1, 19))
+    assert [r["step"] for r in metrics] == list(range(1, NUM_STEPS + 1))
     assert [r["ce"] for r in metrics] == pytest.approx([r["ce"] for r in want_metrics], rel=1e-6)

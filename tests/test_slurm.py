@@ -227,19 +227,25 @@ def test_job_hitting_its_time_limit_requeues_and_resumes(slurm_cluster, cpu_worl
     assert not own_ray_processes(job_id)
 
 
-def test_grid_of_train_and_eval_cells(slurm_cluster, cpu_world, tmp_path: Path):
-    """Data stages, two training cells (one SLURM array) and their evaluations (an array whose
-    task i waits for training task i), each job on its own Ray cluster."""
+def test_grid_of_train_and_eval_cells(slurm_cluster, cpu_world, direct_run: Path, tmp_path: Path):
+    """The streams job, two training cells (one SLURM array) after it and their evaluations (an
+    array whose task i waits for training task i), each job on its own Ray cluster. Problems and
+    rollouts are the direct run's (the same config sections): the grid finds them finished and
+    submits neither (the requeue test above runs both on SLURM)."""
     cells = ["tiny-qwen/slm_rft/sft", "tiny-qwen/oracle_refined/sft"]
     cfg, _ = experiment(tmp_path, cpu_world, [
-        "rollouts.num_samples_per_problem=8", "streams.enabled=[slm_rft, oracle_refined]",
-        "streams.style_oracles=[]", "training.objectives=[sft]",
-        "evaluation.max_problems_per_benchmark=8", "evaluation.shard_size=4"])  # fmt: skip
+        "streams.enabled=[slm_rft, oracle_refined]", "streams.style_oracles=[]",
+        "training.objectives=[sft]", "evaluation.max_problems_per_benchmark=8",
+        "evaluation.shard_size=4"])  # fmt: skip
     run = tmp_path / "dryrun"
+    # The rollouts stage's outputs: its rollouts, the problem set and the slm_rft stream.
+    for output in ("problems", "rollouts", "problem_set", "streams/tiny-qwen/slm_rft"):
+        shutil.copytree(direct_run / output, run / output)
     stages = ["problems", "rollouts", "streams", "train", "eval"]
     result = launch(cfg, cluster_config(timeout_min=60), stages=stages, cells=cells)
+    assert [j.stage for j in result.plan.jobs if j.done] == ["problems", "rollouts"]
     ids = result.job_ids
-    assert list(ids) == ["problems", "rollouts", "streams", *(f"train/{c}" for c in cells),
+    assert list(ids) == ["streams", *(f"train/{c}" for c in cells),
                          *(f"eval/{c}" for c in cells)]  # fmt: skip
     train_array = ids[f"train/{cells[0]}"].split("_")[0]
     assert [ids[f"train/{c}"] for c in cells] == [f"{train_array}_0", f"{train_array}_1"]

@@ -8,12 +8,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
+from train_cell import NUM_STEPS, cell_dir, one_cell_config, start, weights, weights_of
 
 from qup_ray.bench.train import write_synthetic_streams
 from qup_ray.config import CONFIGS_DIR, load_config
@@ -209,37 +208,6 @@ def test_exported_models_load_in_vllm_and_generate(trained, cpu_world, student):
 # ---- kill and resume ------------------------------------------------------------------------
 
 
-def _one_cell_config(tmp: Path, name: str) -> Path:
-    """A config with one cell (tiny-qwen, slm_rft, dft) and enough steps to kill one midway."""
-    data = yaml.safe_load((CONFIGS_DIR / "dryrun.yaml").read_text())
-    data["students"].pop("tiny-llama")
-    data["output_dir"] = str(tmp / name)
-    data["training"].update(
-        objectives=["dft"], streams=["slm_rft"], global_batch_size=8, num_epochs=3,
-        checkpoint_every_steps=1,
-    )  # fmt: skip
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def _start(config: Path) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "qup_ray.cli", "run", "train", "-c", str(config)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        start_new_session=True,
-    )  # fmt: skip
-
-
-def _cell(config: Path) -> Path:
-    return load_config(config).run_dir / "train" / "tiny-qwen" / "slm_rft" / "dft"
-
-
-def _weights(cell: Path) -> dict:
-    return _weights_of(cell / "model" / "model.safetensors")
-
-
 def _wait_for_checkpoint(cell: Path, proc: subprocess.Popen, min_step: int = 2) -> None:
     state = cell / "checkpoints" / "qup_state.json"
     deadline = time.monotonic() + 600
@@ -251,30 +219,14 @@ def _wait_for_checkpoint(cell: Path, proc: subprocess.Popen, min_step: int = 2) 
     raise TimeoutError("no checkpoint")
 
 
-@pytest.fixture(scope="module")
-def unbroken(tmp_path_factory, cpu_world):
-    tmp = tmp_path_factory.mktemp("unbroken")
-    config = _one_cell_config(tmp, "run")
-    write_synthetic_streams(load_config(config).run_dir, ["tiny-qwen"], {"slm_rft": "native"},
-                            num_problems=48, seed=7)  # fmt: skip
-    proc = _start(config)
-    _, err = proc.communicate(timeout=900)
-    assert proc.returncode == 0, err
-    steps = read_parquet(_cell(config) / "metrics.parquet").num_rows
-    assert steps == 18  # 3 epochs x 48 / 8
-    return _weights(_cell(config)), read_parquet(_cell(config) / "metrics.parquet").to_pylist()
-
-
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
-def test_killed_run_resumes_to_the_same_weights(tmp_path, unbroken, how):
+def test_killed_run_resumes_to_the_same_weights(tmp_path, unbroken_train_cell, how):
     import torch
 
-    want, want_metrics = unbroken
-    config = _one_cell_config(tmp_path, "run")
-    write_synthetic_streams(load_config(config).run_dir, ["tiny-qwen"], {"slm_rft": "native"},
-                            num_problems=48, seed=7)  # fmt: skip
-    cell = _cell(config)
-    proc = _start(config)
+    want, want_metrics = unbroken_train_cell
+    config = one_cell_config(tmp_path, "run")
+    cell = cell_dir(config)
+    proc = start(config)
     _wait_for_checkpoint(cell, proc)
     if how == "SIGKILL":
         os.killpg(proc.pid, signal.SIGKILL)  # the driver, Ray and its workers, no warning
@@ -293,16 +245,16 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, unbroken, how):
         assert messages[-1].endswith("checkpoints saved, rerun the same command to resume"), err
     assert not (cell / "_manifest.json").exists()
     stopped_at = read_json(cell / "checkpoints" / "qup_state.json")["step"]
-    assert 2 <= stopped_at < 18
+    assert 2 <= stopped_at < NUM_STEPS
     cfg = load_config(config)
     status = {r["path"]: r for r in RunDir.for_config(cfg).status(cfg)}
     assert status["train/tiny-qwen/slm_rft/dft"]["state"] == "partial"
     assert status["train/tiny-qwen/slm_rft/dft"]["detail"] == f"checkpoint at step {stopped_at}"
 
-    proc = _start(config)
+    proc = start(config)
     _, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err
-    got = _weights(cell)
+    got = weights(cell)
     assert got.keys() == want.keys()
     for name in want:
         assert torch.equal(got[name], want[name]), name
@@ -310,11 +262,11 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, unbroken, how):
     # SIGKILL: the killed run's workers outlive their driver for a moment (Ray reaps them) and
     # may checkpoint a few more steps; the rerun waits for them (cell lock) and resumes from the
     # latest checkpoint.
-    assert stopped_at <= summary["resumed_from_step"] < 18
+    assert stopped_at <= summary["resumed_from_step"] < NUM_STEPS
     if how == "SIGTERM":
         assert summary["resumed_from_step"] == stopped_at
     metrics = read_parquet(cell / "metrics.parquet").to_pylist()
-    assert [r["step"] for r in metrics] == list(range(1, 19))
+    assert [r["step"] for r in metrics] == list(range(1, NUM_STEPS + 1))
     assert [r["ce"] for r in metrics] == pytest.approx([r["ce"] for r in want_metrics], rel=1e-6)
 
 
@@ -332,16 +284,10 @@ def test_zero3_export_is_complete_and_trained(tmp_path, cpu_world):
     run_stage("train", cfg, cells=["tiny-qwen/slm_rft/sft"])
     cell = cfg.run_dir / "train" / "tiny-qwen" / "slm_rft" / "sft"
     assert read_json(cell / "_manifest.json")["training"]["zero_stage"] == 3
-    base = _weights_of(cpu_world["tiny-qwen2"] / "model.safetensors")
-    got = _weights_of(cell / "model" / "model.safetensors")
+    base = weights_of(cpu_world["tiny-qwen2"] / "model.safetensors")
+    got = weights_of(cell / "model" / "model.safetensors")
     assert got.keys() == base.keys()
     assert all(got[k].shape == base[k].shape for k in base)
     stream = cfg.run_dir / "streams" / "tiny-qwen" / "final" / "slm_rft.parquet"
     base_ce = _mean_ce(cpu_world["tiny-qwen2"], cpu_world["tiny-qwen2"], stream)
     assert _mean_ce(cell / "model", cpu_world["tiny-qwen2"], stream) < base_ce
-
-
-def _weights_of(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(path)
