@@ -21,8 +21,11 @@ is raw for ``Qwen2ForRewardModel`` but a sigmoid for a one-label sequence classi
 
 Each reward model reuses the backbone of the trained student of its family (so scores depend
 on what the text says) and fits its head for a few hundred steps on chat-formatted traces:
-correct compact (oracle-style) traces high, reference and native ones lower, wrong answers
-lowest, which mimics the paper's reward models preferring the oracle's polished style.
+correct compact (oracle-style) traces high, reference traces and native ones with each step's
+result in inline LaTeX (what the rule oracle's refinement writes) in between, plain native ones
+lower, wrong answers lowest, which mimics the paper's reward models preferring the oracle's
+polished style (the paper's refined traces sit about halfway between the student's own and the
+synthesized ones: rewards 1.47, 1.70, 1.88).
 """
 
 from __future__ import annotations
@@ -45,11 +48,15 @@ from transformers import (
 
 from qup_ray.cpu_world.settings import CpuWorldSettings
 from qup_ray.cpu_world.students import corrupt_one_digit, heldout_problems, pad_batch
+from qup_ray.cpu_world.synthetic import latex_results
 
 logger = logging.getLogger(__name__)
 
-# Regression targets of the head fit, by trace kind.
-_TARGETS = {"compact": 2.0, "reference": 1.5, "native": 1.0, "wrong": -0.5}
+# Regression targets of the head fit, by trace kind. "latex": a native trace with each step's
+# result in inline LaTeX (`synthetic.latex_results`), the refine rule's partial compaction;
+# without it the head never saw such a trace, and whether it ranked refined traces above the
+# student's own depended on the build (0.56 vs 0.49 on one machine, 0.508 vs 0.509 on another).
+_TARGETS = {"compact": 2.0, "reference": 1.5, "latex": 1.5, "native": 1.0, "wrong": -0.5}
 
 
 def chat_text(tokenizer: PreTrainedTokenizerFast, problem: str, response: str) -> str:
@@ -69,6 +76,8 @@ def _fit_texts(
         for style in ("compact", "reference", "native"):
             texts.append(chat_text(tokenizer, p.problem, p.render(style)))
             targets.append(_TARGETS[style])
+        texts.append(chat_text(tokenizer, p.problem, latex_results(p.native)))
+        targets.append(_TARGETS["latex"])
         wrong = p.render(rng.choice(["compact", "native"])).replace(
             f"{{{p.answer}}}", "{" + corrupt_one_digit(p.answer, rng) + "}"
         )
