@@ -58,6 +58,10 @@ class StrictModel(BaseModel):
     """Fields that change how fast work is done, never its results (left out of stage hashes)."""
 
 
+# Top-level sections that change no result: how Ray is reached and where the run is written.
+NOT_RESULTS = ("ray", "output_dir")
+
+
 def result_view(value: Any) -> Any:
     """A config value as JSON data without its throughput fields (`THROUGHPUT` of each model):
     what a stage's identity is hashed from, so a job requeued onto another allocation (other
@@ -700,10 +704,26 @@ class ExperimentConfig(StrictModel):
                 names.append(stream)
         return names
 
+    def results_hash(self) -> str:
+        """`section_hash` of every section that changes results (all but `ray` and
+        `output_dir`); the run directory keeps the one its outputs were made with."""
+        return self.section_hash(*[k for k in result_view(self) if k not in NOT_RESULTS])
+
+    def uses_cpu_world(self) -> bool:
+        """Whether a student or reward model is a `cpu-world:` ref or an oracle the rule oracle."""
+        models = [*self.students.values(), *self.reward_models.values()]
+        return any(m.path.startswith("cpu-world:") for m in models) or any(
+            o.backend == "rule" for o in self.oracles.values()
+        )
+
     def section_hash(self, *keys: str) -> str:
         """Stable hash of some top-level sections without their throughput fields
-        (`result_view`): what a stage's manifest compares on rerun."""
+        (`result_view`): what a stage's manifest compares on rerun. A run on the CPU world
+        hashes `cpu_world` by the world's content hash, so a change to the code that builds
+        it reruns what used it, not only a change of its settings."""
         data = result_view(self)
+        if "cpu_world" in data and self.uses_cpu_world():
+            data["cpu_world"] = self.cpu_world.result_identity()
         picked = {k: data[k] for k in keys} if keys else data
         blob = json.dumps(picked, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

