@@ -58,6 +58,16 @@ class StrictModel(BaseModel):
     """Fields that change how fast work is done, never its results (left out of stage hashes)."""
 
 
+def cpu_world_identity(settings: CpuWorldSettings) -> dict:
+    """What a run's stages hash the CPU world by: its content hash, which covers the settings,
+    the code that builds the models and the versions of torch, transformers and tokenizers. A
+    change to any of them reruns every stage that used the world, not only a change of a
+    setting."""
+    from qup_ray.cpu_world.build import world_hash
+
+    return {"world_hash": world_hash(settings)}
+
+
 # Top-level sections that change no result: how Ray is reached and where the run is written.
 NOT_RESULTS = ("ray", "output_dir")
 
@@ -723,7 +733,7 @@ class ExperimentConfig(StrictModel):
         it reruns what used it, not only a change of its settings."""
         data = result_view(self)
         if "cpu_world" in data and self.uses_cpu_world():
-            data["cpu_world"] = self.cpu_world.result_identity()
+            data["cpu_world"] = cpu_world_identity(self.cpu_world)
         picked = {k: data[k] for k in keys} if keys else data
         blob = json.dumps(picked, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

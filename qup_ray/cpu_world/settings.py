@@ -162,15 +162,6 @@ class CpuWorldSettings(BaseModel):
         """The fields that define the built artefacts (everything but where they are cached)."""
         return self.model_dump(mode="json", exclude={"cache_dir"})
 
-    def result_identity(self) -> dict:
-        """What a run's stages hash the world by (`ExperimentConfig.section_hash`): the world's
-        content hash, which covers these settings, the code that builds the models and the
-        versions of torch, transformers and tokenizers. A change to any of them reruns every
-        stage that used the world, not only a change of a setting."""
-        from qup_ray.cpu_world.build import world_hash
-
-        return {"world_hash": world_hash(self)}
-
 
 def resolve_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """``cache_dir`` if given, else ``$QUP_CACHE_DIR``, else ``~/.cache/qup_ray``."""

@@ -48,7 +48,7 @@ from typing import Any
 import pyarrow as pa
 
 from qup_ray import metrics
-from qup_ray.config import ExperimentConfig, result_view
+from qup_ray.config import ExperimentConfig, cpu_world_identity, result_view
 from qup_ray.data import PROBLEM_SCHEMA, load_problems
 from qup_ray.data import REJECTED_SCHEMA as BENCHMARK_REJECTED_SCHEMA
 from qup_ray.encoding import ChatFormat, fit_generation
@@ -166,7 +166,7 @@ def unit_hash(cfg: ExperimentConfig, cell: str, benchmark: str, problems: list[d
     }
     model_view = result_view(model) if stream == BASE else result_view(model.engine)
     world = (
-        cfg.cpu_world.result_identity()
+        cpu_world_identity(cfg.cpu_world)
         if stream == BASE and model.path.startswith("cpu-world:")
         else None
     )

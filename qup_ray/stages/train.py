@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from qup_ray import faults
-from qup_ray.config import REPO_ROOT, ExperimentConfig
+from qup_ray.config import REPO_ROOT, ExperimentConfig, cpu_world_identity
 from qup_ray.models import resolve_model
 from qup_ray.rundir import RunDir, Stage, StageError, read_json, train_cell_settings, train_streams
 from qup_ray.training.loop import CANNOT_TRAIN, CellSpec, train_loop_per_worker
@@ -69,7 +69,7 @@ def cell_config_hash(cfg: ExperimentConfig, student: str, settings: dict, ds: di
     training["seed"] = settings["seed"]
     settings = {k: v for k, v in settings.items() if k != "seed"}
     model = cfg.students[student].model_dump(mode="json", exclude={"engine"})
-    world = cfg.cpu_world.result_identity()
+    world = cpu_world_identity(cfg.cpu_world)
     world = world if model["path"].startswith("cpu-world:") else None
     return stable_hash(training, settings, model, ds, world)
 
