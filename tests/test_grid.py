@@ -330,6 +330,7 @@ def test_local_executor_runs_the_jobs_and_skips_dependents_of_a_failure(tmp_path
     ]
     (head,) = (tmp_path / "grid" / "dryrun" / "grid" / "ray").glob("local-*/head.json")
     log = tmp_path / "grid" / "dryrun" / local.log_dir / result.job_ids["problems"]
+    assert sorted(p.name for p in log.parent.iterdir()) == [result.job_ids["problems"]]
     assert json.loads(head.read_text())["address"] in "".join(
         f.read_text() for f in log.glob("*_log.*"))  # fmt: skip
     assert_no_ray_left(head)

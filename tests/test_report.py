@@ -590,6 +590,40 @@ def test_report_pools_three_seeds_with_intervals(tmp_path: Path) -> None:
         pytest.approx((np.quantile(means, 0.025), np.quantile(means, 0.975)))
     )
 
+    # Paired differences: refined minus own, seed by seed and problem by problem (the same
+    # draws as a Total Avg's), and minus the one base model.
+    refined = {
+        seed: {
+            b: _per_problem(root / "eval" / student / "oracle_refined" / f / f"{b}.parquet") * 100
+            for b in benches
+        }
+        for seed, f in folders.items()
+    }
+    base = {
+        b: _per_problem(root / "eval" / student / "base" / "base" / f"{b}.parquet") * 100
+        for b in benches
+    }
+    diffs = pd.read_csv(out / f"differences_{student}_dft.csv").set_index("stream")
+    assert "slm_rft" in diffs.index and pd.isna(diffs.loc["slm_rft", "total_avg - slm_rft"])
+    for col, other in (("total_avg - slm_rft", acc), ("total_avg - base", None)):
+        groups = []
+        for b in benches:
+            mine = np.stack([refined[s][b].sort_index().to_numpy() for s in folders])
+            ref = (
+                np.stack([other[s][b].sort_index().to_numpy() for s in folders])
+                if other is not None
+                else base[b].sort_index().to_numpy()[None]
+            )
+            groups.append(mine - ref)
+        means = hand_bootstrap(groups, cfg.report.num_bootstrap, cfg.report.seed)
+        row = diffs.loc["oracle_refined"]
+        assert row[col] == pytest.approx(np.mean([g.mean() for g in groups]))
+        assert (row[f"{col} ci_low"], row[f"{col} ci_high"]) == pytest.approx(
+            (np.quantile(means, 0.025), np.quantile(means, 0.975))
+        )
+    assert diffs.loc["oracle_refined", "total_avg - slm_rft ci_high"] < 0  # 0.45 vs 0.60
+    assert "Paired differences, dft" in (out / "report.md").read_text()
+
     corr = pd.read_csv(out / "correlations.csv")
     assert set(corr.objective) == {"sft", "dft"} and corr.ci_low.notna().all()
     verdict = pd.read_csv(out / "verdict.csv").set_index(["student", "objective", "claim"])

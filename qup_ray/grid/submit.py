@@ -234,6 +234,8 @@ def _run_locally(plan: GridPlan, cfg: ExperimentConfig, cluster: ClusterConfig, 
                 progress(SHARED_RAY, "", "STOPPED")
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        with contextlib.suppress(OSError):  # submitit's local controller makes the pattern's
+            folder.rmdir()  # folder literally ("%j"): gone when empty, beside the jobs' logs
 
 
 def _cancel(handle: Any, timeout_s: float = 30.0) -> None:

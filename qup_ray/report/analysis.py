@@ -21,6 +21,7 @@ import pandas as pd
 
 from qup_ray.report.collect import (
     BASE,
+    OWN_STREAM,
     QUARTERS,
     STYLE_MEASURES,
     ReportData,
@@ -122,6 +123,84 @@ def with_total_avg_intervals(data: ReportData, settings: BootstrapSettings) -> p
         highs.append(hi)
     out[f"{Y_MEASURE} ci_low"], out[f"{Y_MEASURE} ci_high"] = lows, highs
     return out
+
+
+def difference_intervals(
+    data: ReportData,
+    student: str,
+    objective: str,
+    stream: str,
+    other: str,
+    settings: BootstrapSettings,
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Bootstrap intervals of (stream - other) PPL (paired over problems) and Total Avg (paired
+    over training seeds and each benchmark's problems both have); NaN without per-problem rows."""
+    nan = (np.nan, np.nan)
+    a, b = data.problems.get((student, stream)), data.problems.get((student, other))
+    ppl_ci = nan
+    if a is not None and b is not None and "ppl" in a.columns and "ppl" in b.columns:
+        shared = a.index.intersection(b.index)
+        diff = a.loc[shared, "ppl"] - b.loc[shared, "ppl"]
+        ppl_ci = bootstrap_mean([diff], settings.num_resamples, settings.seed, settings.level)
+    groups = accuracy_groups(data, student, objective, [stream, other])
+    acc_ci = nan
+    if groups:
+        acc_ci = bootstrap_mean(
+            [g[0] - g[1] for g in groups], settings.num_resamples, settings.seed, settings.level
+        )
+    return ppl_ci, acc_ci
+
+
+def _base_difference(
+    data: ReportData, student: str, stream: str, objective: str, settings: BootstrapSettings
+) -> tuple[float, float, float]:
+    """(stream - base student) Total Avg with its interval: every training seed of the stream
+    against the one untrained model, paired over each benchmark's problems; NaN without rows."""
+    groups = []
+    for bench in data.benchmarks:
+        trained = data.bench_problems.get((student, stream, objective, bench))
+        base = data.bench_problems.get((student, BASE, BASE, bench))
+        if trained is None or base is None:
+            return np.nan, np.nan, np.nan
+        trained, base = trained.dropna(), base.dropna()
+        shared = sorted(set(trained.index) & set(base.index))
+        base_acc = base.loc[shared].to_numpy(np.float64).mean(axis=1)  # one column: one model
+        groups.append((trained.loc[shared].to_numpy(np.float64).T - base_acc) * 100)
+    if not groups:
+        return np.nan, np.nan, np.nan
+    point = float(np.mean([g.mean() for g in groups]))
+    return (point, *bootstrap_mean(groups, settings.num_resamples, settings.seed, settings.level))
+
+
+def differences_table(
+    data: ReportData, student: str, objective: str, settings: BootstrapSettings
+) -> pd.DataFrame:
+    """One row per trained stream: its Total Avg minus the student's own stream's (`slm_rft`)
+    and minus the untrained base student's, and its PPL minus own, each with a paired bootstrap
+    interval. Streams share problems and seeds, so these intervals are much narrower than the
+    per-stream ones: the comparisons the paper makes (own vs refined vs synthesized)."""
+    table = data.measures(student, objective)
+    rows = []
+    for stream in data.stream_names[student]:
+        if stream not in table.index or stream in data.untrained:
+            continue
+        row: dict[str, object] = {"stream": stream}
+        if OWN_STREAM in table.index and stream != OWN_STREAM:
+            ppl_ci, acc_ci = difference_intervals(
+                data, student, objective, stream, OWN_STREAM, settings
+            )
+            own = table.loc[OWN_STREAM]
+            for col, ci in ((Y_MEASURE, acc_ci), ("ppl", ppl_ci)):
+                if col in table.columns:
+                    name = f"{col} - {OWN_STREAM}"
+                    row[name] = table.at[stream, col] - own[col]
+                    row[f"{name} ci_low"], row[f"{name} ci_high"] = ci
+        name = f"{Y_MEASURE} - {BASE}"
+        row[name], row[f"{name} ci_low"], row[f"{name} ci_high"] = _base_difference(
+            data, student, stream, objective, settings
+        )
+        rows.append(row)
+    return pd.DataFrame(rows).dropna(axis=1, how="all")
 
 
 def totals_table(data: ReportData, student: str, objective: str) -> pd.DataFrame:

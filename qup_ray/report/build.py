@@ -17,6 +17,7 @@ from qup_ray.report.analysis import (
     BootstrapSettings,
     accuracy_table,
     correlations,
+    differences_table,
     quality_table,
     style_shift,
     totals_table,
@@ -168,6 +169,17 @@ def _student_tables(
         _write_csv(out_dir, _slug("accuracy", student, objective), acc)
         doc.add("h3", f"Accuracy, {objective}")
         doc.add("table", _with_intervals(acc))
+        diffs = differences_table(data, student, objective, settings)
+        if len(diffs.columns) > 1:
+            _write_csv(out_dir, _slug("differences", student, objective), diffs)
+            doc.add("h3", f"Paired differences, {objective}")
+            doc.add(
+                "p",
+                f"Each stream's Total Avg minus {OWN_STREAM}'s and minus the base student's, "
+                f"and its PPL minus {OWN_STREAM}'s, with paired bootstrap intervals (same "
+                "training seeds and benchmark problems; same traced problems for PPL).",
+            )
+            doc.add("table", _with_intervals(diffs))
     shift = style_shift(data, student, OWN_STREAM)
     if not shift.empty:
         _write_csv(out_dir, _slug("style_shift", student), shift.reset_index(names="stream"))

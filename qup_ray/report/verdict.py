@@ -21,9 +21,8 @@ from itertools import combinations
 import numpy as np
 import pandas as pd
 
-from qup_ray.report.analysis import Y_MEASURE, BootstrapSettings, accuracy_groups
+from qup_ray.report.analysis import Y_MEASURE, BootstrapSettings, difference_intervals
 from qup_ray.report.collect import QUARTERS, REFINED_STREAM, STYLE_PREFIX, ReportData
-from qup_ray.stats import bootstrap_mean
 
 MIN_STREAMS = 3
 MAX_PAIRS_SHOWN = 3
@@ -218,7 +217,7 @@ def _style_claim(
     for s in usable:
         row = table.loc[s]
         all_hold &= bool(row.ppl < ref.ppl and row[Y_MEASURE] > ref[Y_MEASURE])
-        ppl_ci, acc_ci = _difference_intervals(data, student, objective, s, settings)
+        ppl_ci, acc_ci = difference_intervals(data, student, objective, s, REFINED_STREAM, settings)
         evidences += [_evidence(*ppl_ci), _evidence(*acc_ci)]
         # An interval wholly on the wrong side (PPL higher, or accuracy lower, than refined).
         wrong_side |= bool(ppl_ci[0] > 0 or acc_ci[1] < 0)
@@ -245,34 +244,6 @@ def _style_claim(
         "no intervals": EVIDENCE_WORDS["no intervals"],
     }[evidence]
     return _finish(out, outcome, evidence, f"{lead}: {'; '.join(parts)}; {tail}.")
-
-
-def _difference_intervals(
-    data: ReportData, student: str, objective: str, stream: str, settings: BootstrapSettings
-) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Bootstrap intervals of (stream - oracle_refined) PPL (paired over problems) and Total Avg
-    (paired over training seeds and each benchmark's problems); NaN without per-problem rows."""
-    nan = (np.nan, np.nan)
-    a, b = data.problems.get((student, stream)), data.problems.get((student, REFINED_STREAM))
-    ppl_ci = nan
-    if a is not None and b is not None and "ppl" in a.columns and "ppl" in b.columns:
-        shared = a.index.intersection(b.index)
-        ppl_ci = bootstrap_mean(
-            [a.loc[shared, "ppl"] - b.loc[shared, "ppl"]],
-            settings.num_resamples,
-            settings.seed,
-            settings.level,
-        )
-    # Paired over the training seeds and each benchmark's problems both streams have.
-    groups = accuracy_groups(data, student, objective, [stream, REFINED_STREAM])
-    acc_ci = (
-        bootstrap_mean(
-            [g[0] - g[1] for g in groups], settings.num_resamples, settings.seed, settings.level
-        )
-        if groups
-        else nan
-    )
-    return ppl_ci, acc_ci
 
 
 def verdicts(data: ReportData, corr: pd.DataFrame, settings: BootstrapSettings) -> pd.DataFrame:
