@@ -27,7 +27,12 @@ from qup_ray.stages import STAGE_ORDER, is_built
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(2400)]
 
 # Small enough for CI on 2 cores; shards of 8 problems so resume has several shards.
-OVERRIDES = ["problems.num_problems=32", "rollouts.shard_size=8", "scoring.num_bootstrap=100"]
+# Few problems, so small training steps: a build of the CPU world on another machine has other
+# weights, and there tiny-llama's cut streams held 5 problems, which make no step at the
+# dry run's 2 workers x micro 4 (found on a fresh machine); 2 x 2 takes a step from 4.
+NUM_PROBLEMS = 40
+OVERRIDES = [f"problems.num_problems={NUM_PROBLEMS}", "rollouts.shard_size=8", "scoring.num_bootstrap=100",
+             "training.micro_batch_size_per_worker=2", "training.global_batch_size=8"]  # fmt: skip
 
 
 def qup(*args: str, timeout: int = 2400, **kwargs) -> subprocess.CompletedProcess:
@@ -92,7 +97,7 @@ def test_dryrun_terminal_is_one_line_per_job_and_ends_with_the_report(
     # The resolved config is saved and loads back to the same experiment.
     saved = load_config(run_dir / "config.yaml")
     assert saved.stream_names() == load_config(CONFIGS_DIR / "dryrun.yaml").stream_names()
-    assert saved.problems.num_problems == 32
+    assert saved.problems.num_problems == NUM_PROBLEMS
 
 
 def test_second_dryrun_runs_nothing(dryrun_result: tuple[Path, str]):
@@ -160,7 +165,7 @@ def cfg(dryrun_dir: Path):
 
 def test_rollouts_cover_every_problem_and_sample(dryrun_dir: Path, cfg):
     problems = {p["problem_id"] for p in table(dryrun_dir / "problems" / "problems.parquet")}
-    assert len(problems) == 32
+    assert len(problems) == NUM_PROBLEMS
     n = cfg.rollouts.num_samples_per_problem
     for student in cfg.students:
         rows = table(dryrun_dir / "rollouts" / student / "rollouts.parquet")
@@ -189,7 +194,11 @@ def test_problem_set_is_what_the_anchor_solves(dryrun_dir: Path, cfg):
     problem_set = table(dryrun_dir / "problem_set" / "problem_set.parquet")
     assert {p["problem_id"] for p in problem_set} == solved and solved
     counts = manifest(dryrun_dir / "problem_set")["counts"]
-    assert counts["solved_by_anchor"] + counts["unsolved_by_anchor"] == counts["problems"] == 32
+    assert (
+        counts["solved_by_anchor"] + counts["unsolved_by_anchor"]
+        == counts["problems"]
+        == NUM_PROBLEMS
+    )
 
 
 def test_slm_rft_stream_is_own_correct_traces(dryrun_dir: Path, cfg):
@@ -383,11 +392,12 @@ def test_rollouts_resume_after_kill_equals_unbroken_run(tmp_path: Path, dryrun_d
     shards = tmp_path / "dryrun" / "rollouts" / "tiny-qwen" / "_shards"
     command = [sys.executable, "-m", "qup_ray.cli", "run", "rollouts", "-c", str(CONFIGS_DIR / "dryrun.yaml"), *overrides]  # fmt: skip
     finished_before_kill = kill_after_first_shard(command, shards)
-    assert 1 <= finished_before_kill < 4, "the kill came too late to show a resume"
+    num_shards = NUM_PROBLEMS // 8  # rollouts.shard_size=8
+    assert 1 <= finished_before_kill < num_shards, "the kill came too late to show a resume"
     assert not (shards.parent / MANIFEST).exists()
     rerun = qup("run", "rollouts", "-c", str(CONFIGS_DIR / "dryrun.yaml"), *overrides)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"resuming, {finished_before_kill} of 4 shards already finished" in rerun.stderr
+    assert f"resuming, {finished_before_kill} of {num_shards} shards" in rerun.stderr
     resumed = table(tmp_path / "dryrun" / "rollouts" / "tiny-qwen" / "rollouts.parquet")
     unbroken = table(dryrun_dir / "rollouts" / "tiny-qwen" / "rollouts.parquet")
     key = lambda r: (r["problem_id"], r["sample_idx"])  # noqa: E731
