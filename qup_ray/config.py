@@ -732,7 +732,8 @@ class ExperimentConfig(StrictModel):
         hashes `cpu_world` by the world's content hash, so a change to the code that builds
         it reruns what used it, not only a change of its settings."""
         data = result_view(self)
-        if "cpu_world" in data and self.uses_cpu_world():
+        wants_world = not keys or "cpu_world" in keys  # the content hash reads files: only then
+        if wants_world and "cpu_world" in data and self.uses_cpu_world():
             data["cpu_world"] = cpu_world_identity(self.cpu_world)
         picked = {k: data[k] for k in keys} if keys else data
         blob = json.dumps(picked, sort_keys=True, separators=(",", ":"))
